@@ -40,5 +40,8 @@ def get_loss(name: str) -> LossFn:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}") from None
 
 
-def count_correct(outputs: Tensor, labels: Tensor) -> int:
+def count_correct(outputs: Tensor, labels: Tensor) -> int | None:
+    """Number of correct argmax predictions, or None when the targets are not class labels."""
+    if labels.is_floating_point() or labels.shape != outputs.shape[:-1]:
+        return None
     return int((outputs.argmax(dim=-1) == labels).sum())

@@ -21,6 +21,7 @@ Hessian-vector products are exact (no finite differences).  Three routes give th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,7 +40,8 @@ HVP_MODES = ("double-backward", "reverse-over-forward", "forward-over-reverse")
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Loss, accuracy (fraction of correct argmax predictions) and, if asked for, gradient."""
+    """Loss, accuracy (fraction of correct argmax predictions; NaN when the targets are not class
+    labels) and, if asked for, gradient."""
 
     loss: float
     accuracy: float
@@ -88,9 +90,12 @@ class Objective:
     def outputs(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
         return functional_call(self.model, dict(zip(self.names, params)), (x,))
 
-    def _chunk_loss(self, params: Sequence[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, int]:
+    def _chunk_loss(self, params: Sequence[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, int | None]:
         out = self.outputs(params, x)
         return self.loss_fn(out, y), count_correct(out, y)
+
+    def _accuracy(self, correct: int | None) -> float:
+        return math.nan if correct is None else correct / self.num_targets
 
     def evaluate(self, params: Sequence[Tensor]) -> Evaluation:
         """Loss and accuracy, no gradient."""
@@ -99,8 +104,8 @@ class Objective:
             for (x, y), w in zip(self.chunks, self.weights):
                 chunk_loss, chunk_correct = self._chunk_loss(params, x, y)
                 loss += w * float(chunk_loss)
-                correct += chunk_correct
-        return Evaluation(loss, correct / self.num_targets)
+                correct = None if chunk_correct is None or correct is None else correct + chunk_correct
+        return Evaluation(loss, self._accuracy(correct))
 
     def loss_and_grad(self, params: Sequence[Tensor]) -> Evaluation:
         """Loss, accuracy and gradient ``(dL/dw)`` at ``params``."""
@@ -113,8 +118,8 @@ class Objective:
             for acc, g in zip(grad, chunk_grad):
                 acc.add_(g, alpha=w)
             loss += w * float(chunk_loss.detach())
-            correct += chunk_correct
-        return Evaluation(loss, correct / self.num_targets, tuple(grad))
+            correct = None if chunk_correct is None or correct is None else correct + chunk_correct
+        return Evaluation(loss, self._accuracy(correct), tuple(grad))
 
     def grad(self, params: Sequence[Tensor]) -> Params:
         return self.loss_and_grad(params).grad

@@ -1,0 +1,197 @@
+"""Command line: ``samedge run | plot | edge | download``.
+
+Exit codes: 0 success, 2 bad input (arguments, config, data, run directory), 3 the run
+diverged, 130 interrupted.  Errors are one line on stderr: ``samedge: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import TASKS, ConfigError, RunConfig, build_config, preset_names
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+_HELP = {
+    "optimizer": "gd, sam or usam",
+    "eta": "step size",
+    "rho": "SAM radius (0 for gd)",
+    "momentum": "heavy-ball momentum beta in [0, 1)",
+    "steps": "number of optimizer steps",
+    "batch_size": "minibatch size (default: full batch)",
+    "measure_every": "measure every N steps (and at the last step)",
+    "eig_k": "number of top Hessian eigenvalues to record",
+    "eig_method": "lanczos (default), eigsh, power, or paper (finite-difference power iteration)",
+    "eig_tol": "relative residual at which an eigen-solve stops",
+    "eig_max_iter": "most HVPs (Lanczos steps) per eigen-solve",
+    "measure_perturbed": "also measure the sharpness at SAM's ascent point w + e",
+    "hvp_mode": "double-backward, reverse-over-forward or forward-over-reverse",
+    "data": "data directory or file (default: the data embedded for the task)",
+    "n_train": "number of training examples",
+    "n_test": "number of test examples",
+    "subset": "first N examples, or a seeded class-balanced sample",
+    "chunk_size": "examples per chunk for full-batch sums (bounds memory)",
+    "loss": "mse (squared error on one-hot targets, as the paper) or xent",
+    "seed": "random seed (data order, initialization, eigen-solver start)",
+    "dtype": "float32 or float64",
+    "device": "cpu, cuda or auto",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for f in fields(RunConfig):
+        if f.name == "task":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        base = str(f.type).replace(" | None", "")
+        help_text = _HELP.get(f.name, f"model setting ({f.name})")
+        if base == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[base]
+            p.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="samedge", description="GD and SAM at the edge of stability.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train and measure; writes a run directory")
+    run.add_argument("task", help=f"one of {', '.join(TASKS)}")
+    run.add_argument("--config", help="TOML file with settings (flags override it)")
+    run.add_argument("--preset", help=f"named settings: {', '.join(preset_names())}")
+    run.add_argument("--out", help="run directory (default: runs/<task>-<optimizer>-eta..-seed..)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-plots", action="store_true", help="do not draw figures at the end")
+    _add_config_flags(run)
+
+    plot = sub.add_parser("plot", help="draw the figures of a run directory from its metrics")
+    plot.add_argument("run_dir")
+
+    edge = sub.add_parser("edge", help="print the stability thresholds")
+    edge.add_argument("--eta", type=float, required=True)
+    edge.add_argument("--rho", type=float, default=0.0)
+    edge.add_argument("--grad-norm", type=float, default=None, help="||g|| (needed for the SAM-edge)")
+    edge.add_argument("--momentum", type=float, default=0.0)
+    edge.add_argument("--json", action="store_true", help="print JSON")
+
+    dl = sub.add_parser("download", help="download a data set's official files (needs internet)")
+    dl.add_argument("dataset", choices=["mnist", "cifar10", "shakespeare"])
+    dl.add_argument("--dir", default="data", help="where to put the files (default: ./data)")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .plotting import plot_run
+    from .runner import default_run_dir, run
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "task"}
+    cfg = build_config(args.task, preset=args.preset, config_file=args.config, overrides=overrides)
+    out = Path(args.out) if args.out else default_run_dir(cfg)
+    result = run(cfg, out, overwrite=args.overwrite, progress=not args.no_progress)
+    if not args.no_plots and result.summary.get("measurements"):
+        plot_run(out)
+    _report(result.summary, out)
+    if result.summary.get("interrupted"):
+        return EXIT_INTERRUPTED
+    return EXIT_DIVERGED if result.diverged else EXIT_OK
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _report(s: dict, out: Path) -> None:
+    print(f"run directory: {out}")
+    if s.get("diverged"):
+        print(f"DIVERGED at step {s.get('diverged_step')} ({s.get('reason', '')})")
+    if s.get("interrupted"):
+        print(f"interrupted at step {s.get('interrupted_step')}")
+    print(
+        f"final train loss {_fmt(s.get('final_train_loss'))}, accuracy {_fmt(s.get('final_train_accuracy'))}; "
+        f"test error {_fmt(s.get('test_error'))}"
+    )
+    if s.get("edge_reached_step") is None:
+        print("sharpness never reached 90% of the edge")
+    else:
+        print(
+            f"sharpness reached 90% of the edge at step {s['edge_reached_step']}; afterwards sharpness/edge "
+            f"median {_fmt(s['ratio_median'], '.3f')} (IQR {_fmt(s['ratio_q25'], '.3f')}-{_fmt(s['ratio_q75'], '.3f')})"
+        )
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plotting import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return EXIT_OK
+
+
+def _cmd_edge(args: argparse.Namespace) -> int:
+    from .thresholds import momentum_edge, sam_edge, usam_edge
+
+    out = {"gd_edge": momentum_edge(args.eta, args.momentum), "usam_edge": usam_edge(args.eta, args.rho, args.momentum)}
+    if args.grad_norm is not None:
+        out["sam_edge"] = sam_edge(args.eta, args.rho, args.grad_norm, args.momentum)
+    elif args.rho > 0:
+        raise ConfigError("--grad-norm is needed for the SAM-edge when --rho > 0")
+    else:
+        out["sam_edge"] = out["gd_edge"]
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:10s} {v:.10g}")
+    return EXIT_OK
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    if args.dataset == "mnist":
+        from .data.mnist import download_mnist
+
+        path = download_mnist(directory)
+    elif args.dataset == "cifar10":
+        from .data.cifar10 import download_cifar10
+
+        path = download_cifar10(directory)
+    else:
+        from .data.shakespeare import download_shakespeare
+
+        path = download_shakespeare(directory)
+    print(path)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2, message already printed)
+        return int(stop.code or 0)
+    handler = {"run": _cmd_run, "plot": _cmd_plot, "edge": _cmd_edge, "download": _cmd_download}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"samedge: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("samedge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

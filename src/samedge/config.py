@@ -1,0 +1,239 @@
+"""Run configuration: one flat, validated record of every setting of a run.
+
+Settings come from (later wins) the task's default preset, a named preset (``--preset``), a TOML
+file (``--config``) and command-line flags.  Every field is checked for type and range; an
+unknown key or a bad value raises :class:`ConfigError` with a one-line message naming the field
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["RunConfig", "ConfigError", "load_toml", "preset_names", "load_preset", "build_config", "TASKS"]
+
+TASKS = ("mnist", "cifar10", "shakespeare")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is not allowed (the message names it)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str = "mnist"
+    # optimizer
+    optimizer: str = "sam"
+    eta: float = 0.1
+    rho: float = 0.1
+    momentum: float = 0.0
+    steps: int = 1000
+    batch_size: int | None = None  # None: full batch
+    # measurements
+    measure_every: int = 10
+    eig_k: int = 1
+    eig_method: str = "lanczos"
+    eig_tol: float = 1e-3
+    eig_max_iter: int = 100
+    measure_perturbed: bool = False
+    hvp_mode: str = "double-backward"
+    # data
+    data: str | None = None
+    n_train: int | None = 2000
+    n_test: int | None = 1000
+    subset: str = "first"
+    chunk_size: int | None = None
+    loss: str = "mse"
+    # models
+    width: int = 256
+    depth: int = 4
+    activation: str = "relu"
+    cnn_blocks: int = 2
+    cnn_layers_per_block: int = 1
+    cnn_channels: int = 16
+    seq_len: int = 64
+    layers: int = 2
+    heads: int = 4
+    d_model: int = 64
+    key_size: int = 16
+    # reproducibility and placement
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return from_mapping({**self.to_dict(), **changes})
+
+
+_CHOICES: dict[str, tuple] = {
+    "task": TASKS,
+    "optimizer": ("gd", "sam", "usam"),
+    "eig_method": ("lanczos", "eigsh", "power", "paper"),
+    "hvp_mode": ("double-backward", "reverse-over-forward", "forward-over-reverse"),
+    "subset": ("first", "balanced"),
+    "loss": ("mse", "xent"),
+    "activation": ("relu", "tanh", "gelu", "elu", "softplus"),
+    "dtype": ("float32", "float64"),
+    "device": ("cpu", "cuda", "auto"),
+}
+# (minimum, maximum, minimum inclusive) for numeric fields
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "eta": (0.0, math.inf, False),
+    "rho": (0.0, math.inf, True),
+    "momentum": (0.0, 1.0, True),
+    "steps": (0, math.inf, True),
+    "batch_size": (1, math.inf, True),
+    "measure_every": (1, math.inf, True),
+    "eig_k": (1, 64, True),
+    "eig_tol": (0.0, 1.0, False),
+    "eig_max_iter": (1, 100000, True),
+    "n_train": (1, math.inf, True),
+    "n_test": (1, math.inf, True),
+    "chunk_size": (1, math.inf, True),
+    "width": (1, 1 << 20, True),
+    "depth": (1, 1000, True),
+    "cnn_blocks": (1, 5, True),
+    "cnn_layers_per_block": (1, 100, True),
+    "cnn_channels": (1, 4096, True),
+    "seq_len": (1, 1 << 16, True),
+    "layers": (1, 1000, True),
+    "heads": (1, 1024, True),
+    "d_model": (1, 1 << 16, True),
+    "key_size": (1, 1 << 16, True),
+    "seed": (0, 2**63 - 1, True),
+}
+
+
+def _describe(lo: float, hi: float, inclusive: bool) -> str:
+    lower = f"{'>=' if inclusive else '>'} {lo:g}"
+    if hi == math.inf:
+        return lower
+    return f"in {'[' if inclusive else '('}{lo:g}, {hi:g}{')' if hi == 1.0 else ']'}"
+
+
+def _validate(cfg: RunConfig) -> None:
+    hints = {f.name: f.type for f in fields(cfg)}
+    for name, kind in hints.items():
+        value = getattr(cfg, name)
+        optional = "None" in str(kind)
+        if value is None:
+            if optional:
+                continue
+            raise ConfigError(f"config field '{name}' must be set")
+        base = str(kind).replace(" | None", "")
+        if base == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"config field '{name}' must be true or false, got {value!r}")
+        elif base == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"config field '{name}' must be an integer, got {value!r}")
+        elif base == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"config field '{name}' must be a finite number, got {value!r}")
+        elif base == "str":
+            if not isinstance(value, str):
+                raise ConfigError(f"config field '{name}' must be a string, got {value!r}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ConfigError(f"config field '{name}' must be one of {', '.join(_CHOICES[name])}; got {value!r}")
+        if name in _RANGES:
+            lo, hi, inclusive = _RANGES[name]
+            ok = (value >= lo if inclusive else value > lo) and (value < hi if hi == 1.0 else value <= hi)
+            if not ok:
+                raise ConfigError(f"config field '{name}' must be {_describe(lo, hi, inclusive)}, got {value!r}")
+    if cfg.eig_method in ("power", "paper") and cfg.eig_k != 1:
+        raise ConfigError(f"config field 'eig_k' must be 1 with eig_method {cfg.eig_method!r}, got {cfg.eig_k}")
+    if cfg.optimizer == "gd" and cfg.rho != 0.0:
+        raise ConfigError("config field 'rho' must be 0 with optimizer 'gd' (use sam or usam for rho > 0)")
+
+
+def from_mapping(values: dict[str, Any], where: str = "config") -> RunConfig:
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {where} key '{unknown[0]}'; allowed keys: {', '.join(sorted(known))}")
+    values = dict(values)
+    for name in ("eta", "rho", "momentum", "eig_tol"):  # TOML writes 1 for 1.0
+        if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
+            values[name] = float(values[name])
+    for name in ("data",):
+        if isinstance(values.get(name), Path):
+            values[name] = str(values[name])
+    return RunConfig(**values)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"config file {path}: unexpected table [{nested[0]}]; settings are top-level keys")
+    return data
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("samedge") / "presets"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    text = (resources.files("samedge") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def build_config(
+    task: str,
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Task default preset, then ``preset``, then ``config_file``, then ``overrides``."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    values: dict[str, Any] = {}
+    values.update(load_preset(task))
+    if preset is not None:
+        chosen = load_preset(preset)
+        if chosen.get("task", task) != task:
+            raise ConfigError(f"preset {preset!r} is for task {chosen['task']!r}, not {task!r}")
+        values.update(chosen)
+    if config_file is not None:
+        from_file = load_toml(config_file)
+        if from_file.get("task", task) != task:
+            raise ConfigError(f"config file {config_file} is for task {from_file['task']!r}, not {task!r}")
+        values.update(from_file)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(given)
+    rho_explicit = "rho" in given or (config_file is not None and "rho" in from_file)
+    if values.get("optimizer") == "gd" and not rho_explicit:
+        values["rho"] = 0.0  # GD ignores a preset's rho; an explicit rho with gd is an error
+    values["task"] = task
+    return from_mapping(values)

@@ -1,0 +1,143 @@
+"""``metrics.csv`` (one row per measurement, written row by row) and ``summary.json``.
+
+Rows are appended and flushed to disk one at a time, so a run killed at any moment leaves a
+parseable file that lacks at most the row being written.  :func:`read_metrics` drops such a
+partial last line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["base_columns", "MetricsWriter", "read_metrics", "summarize", "write_json", "EDGE_REACHED_FRACTION"]
+
+EDGE_REACHED_FRACTION = 0.9
+
+
+def base_columns(eig_k: int = 1, measure_perturbed: bool = False, test_each_measurement: bool = False) -> list[str]:
+    cols = ["step", "train_loss", "train_accuracy", "grad_norm", "sharpness"]
+    cols += [f"lambda_{i}" for i in range(2, eig_k + 1)]
+    cols += ["gd_edge", "sam_edge", "sharpness_over_edge", "grad_alignment", "sam_grad_alignment"]
+    if measure_perturbed:
+        cols.append("sharpness_perturbed")
+    if test_each_measurement:
+        cols += ["test_loss", "test_accuracy"]
+    cols += ["eig_residual", "eig_converged", "hvps", "elapsed_s"]
+    return cols
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)  # shortest round-tripping text: byte-identical for identical floats
+    return str(value)
+
+
+class MetricsWriter:
+    """Appends rows to ``path``; the header is written when the file is new or empty."""
+
+    def __init__(self, path: str | Path, columns: Sequence[str]):
+        self.path = Path(path)
+        self.columns = list(columns)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._file = open(self.path, "a", encoding="utf-8", newline="")
+        if new:
+            self._write_line(self.columns)
+
+    def _write_line(self, values: Iterable[str]) -> None:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(values)
+        self._file.write(buf.getvalue())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def write(self, row: dict[str, Any]) -> None:
+        missing = [c for c in self.columns if c not in row]
+        if missing:
+            raise KeyError(f"metrics row lacks column {missing[0]!r}")
+        self._write_line(_format(row[c]) for c in self.columns)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _parse(value: str) -> float | None:
+    if value == "":
+        return None
+    return float(value)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float | None]]:
+    """Rows of ``metrics.csv`` as dicts of floats (empty cells are None).  A last line cut off
+    mid-write (no newline, or too few fields) is dropped."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if not lines or not lines[0]:
+        raise ValueError(f"{path}: empty metrics file")
+    complete = lines[:-1]  # the piece after the last newline is partial (or empty)
+    reader = csv.reader(complete)
+    header = next(reader)
+    rows = []
+    for fields in reader:
+        if len(fields) != len(header):
+            raise ValueError(f"{path}: row {len(rows) + 2} has {len(fields)} fields, header has {len(header)}")
+        rows.append({name: _parse(v) for name, v in zip(header, fields)})
+    return rows
+
+
+def summarize(rows: list[dict[str, float | None]], *, fraction: float = EDGE_REACHED_FRACTION) -> dict[str, Any]:
+    """Median and IQR of sharpness/edge from the first row where it reaches ``fraction``."""
+    summary: dict[str, Any] = {"measurements": len(rows)}
+    ratios = [r["sharpness_over_edge"] for r in rows]
+    reached = next((i for i, q in enumerate(ratios) if q is not None and q >= fraction), None)
+    summary["edge_reached_fraction"] = fraction
+    summary["edge_reached_step"] = None if reached is None else int(rows[reached]["step"])
+    if reached is not None:
+        tail = np.array([q for q in ratios[reached:] if q is not None and math.isfinite(q)])
+        q25, q50, q75 = np.percentile(tail, [25, 50, 75])
+        summary["ratio_median"] = float(q50)
+        summary["ratio_q25"] = float(q25)
+        summary["ratio_q75"] = float(q75)
+        summary["ratio_iqr"] = float(q75 - q25)
+        summary["ratio_rows"] = int(len(tail))
+    else:
+        summary.update(ratio_median=None, ratio_q25=None, ratio_q75=None, ratio_iqr=None, ratio_rows=0)
+    if rows:
+        last = rows[-1]
+        summary["final_step"] = int(last["step"])
+        summary["final_train_loss"] = last["train_loss"]
+        summary["final_train_accuracy"] = last["train_accuracy"]
+        summary["final_sharpness"] = last["sharpness"]
+        summary["final_edge"] = last["sam_edge"]
+        summary["total_hvps"] = int(sum(r["hvps"] or 0 for r in rows))
+        summary["all_eigensolves_converged"] = all(r["eig_converged"] == 1 for r in rows)
+    return summary
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False, allow_nan=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

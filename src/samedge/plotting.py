@@ -1,0 +1,116 @@
+"""Figures of a run, drawn from its ``metrics.csv`` and ``config.json`` alone (PNG and PDF).
+
+Kept apart from training: ``samedge plot RUN_DIR`` redraws them at any time, also for a run that
+is still going or was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .metrics import read_metrics  # noqa: E402
+
+__all__ = ["plot_run", "FIGURES"]
+
+FIGURES = ("sharpness", "sharpness_vs_edge", "alignment", "loss", "grad_norm")
+
+_EDGE_LABEL = {"sam": "SAM-edge", "usam": "USAM edge", "gd": r"$2/\eta$"}
+
+
+def _column(rows, name):
+    return [r.get(name) for r in rows]
+
+
+def _save(fig, run_dir: Path, name: str) -> list[Path]:
+    paths = [run_dir / f"{name}.png", run_dir / f"{name}.pdf"]
+    fig.tight_layout()
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Draw every figure of ``run_dir``; returns the files written."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.csv").exists():
+        raise FileNotFoundError(f"{run_dir} has no metrics.csv; is it a samedge run directory?")
+    rows = read_metrics(run_dir / "metrics.csv")
+    if not rows:
+        raise ValueError(f"{run_dir / 'metrics.csv'} has no measurements yet")
+    cfg = {}
+    if (run_dir / "config.json").exists():
+        cfg = json.loads((run_dir / "config.json").read_text()).get("config", {})
+    opt = cfg.get("optimizer", "sam")
+    title = f"{cfg.get('task', '')} {opt.upper()}  eta={cfg.get('eta', '?')}" + (
+        f"  rho={cfg.get('rho')}" if opt != "gd" else ""
+    )
+    steps = _column(rows, "step")
+    written: list[Path] = []
+
+    extra_eigs = sorted(k for k in rows[0] if k.startswith("lambda_"))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(steps, _column(rows, "sharpness"), color="tab:blue", label=r"$\lambda_1$ (sharpness)")
+    for name in extra_eigs:
+        ax.plot(steps, _column(rows, name), color="tab:blue", alpha=0.35, lw=0.8, label=rf"$\lambda_{{{name[7:]}}}$")
+    if opt != "gd":
+        ax.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_EDGE_LABEL.get(opt, "edge"))
+    ax.plot(steps, _column(rows, "gd_edge"), color="tab:purple", ls="--", label=r"$2/\eta$" if not cfg.get("momentum") else r"$(2+2\beta)/\eta$")
+    if "sharpness_perturbed" in rows[0]:
+        ax.plot(steps, _column(rows, "sharpness_perturbed"), color="tab:orange", lw=0.8, label=r"$\lambda_1$ at $w+\epsilon$")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Hessian eigenvalue")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.legend()
+    written += _save(fig, run_dir, "sharpness")
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    ax1.plot(steps, _column(rows, "sharpness"), color="tab:blue", label=r"$\lambda_1$")
+    ax1.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_EDGE_LABEL.get(opt, "edge"))
+    ax1.set_ylabel("Hessian eigenvalue")
+    ax1.set_ylim(bottom=0)
+    ax1.set_title(title)
+    ax1.legend()
+    ax2.plot(steps, _column(rows, "sharpness_over_edge"), color="black")
+    ax2.axhline(1.0, color="gray", ls=":")
+    ax2.axhspan(0.9, 1.1, color="gray", alpha=0.15)
+    ax2.set_ylabel(r"$\lambda_1$ / edge")
+    ax2.set_xlabel("step")
+    written += _save(fig, run_dir, "sharpness_vs_edge")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(steps, _column(rows, "grad_alignment"), color="tab:blue", label=r"$|\cos(g, v_1)|$")
+    ax.plot(steps, _column(rows, "sam_grad_alignment"), color="tab:green", label=r"$|\cos(g_{SAM}, v_1)|$")
+    ax.set_xlabel("step")
+    ax.set_ylabel("alignment with top eigenvector")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend()
+    written += _save(fig, run_dir, "alignment")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(steps, _column(rows, "train_loss"), color="tab:blue", label="train loss")
+    if "test_loss" in rows[0]:
+        ax.plot(steps, _column(rows, "test_loss"), color="tab:red", label="test loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    written += _save(fig, run_dir, "loss")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(steps, _column(rows, "grad_norm"), color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(r"$\|g\|$")
+    ax.set_title(title)
+    written += _save(fig, run_dir, "grad_norm")
+    return written

@@ -1,0 +1,61 @@
+"""Tasks: a data set, a model and a loss built from a :class:`~samedge.config.RunConfig`.
+
+A :class:`Task` hands the runner the objective to train on at each step (the same full-batch
+objective every step, or the step's minibatch) and the objective to test on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, RunConfig
+from ..objective import Objective
+
+__all__ = ["Task", "build_task", "resolve_device", "TASK_BUILDERS"]
+
+
+@dataclass
+class Task:
+    name: str
+    model: nn.Module
+    train: Objective  # the full training set (chunked)
+    test: Objective
+    source: str  # where the data came from
+    minibatch: Callable[[int], Objective] | None = None  # step -> that step's minibatch objective
+    test_every_measurement: bool = False
+
+    def objective_at(self, step: int) -> Objective:
+        return self.train if self.minibatch is None else self.minibatch(step)
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config field 'device' is 'cuda' but no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
+def _build_mnist(cfg: RunConfig) -> Task:
+    from .mnist import build_mnist
+
+    return build_mnist(cfg)
+
+
+TASK_BUILDERS: dict[str, Callable[[RunConfig], Task]] = {"mnist": _build_mnist}
+
+
+def build_task(cfg: RunConfig) -> Task:
+    try:
+        builder = TASK_BUILDERS[cfg.task]
+    except KeyError:
+        raise ConfigError(f"task {cfg.task!r} is not available yet; choose one of {', '.join(TASK_BUILDERS)}") from None
+    return builder(cfg)

@@ -1,0 +1,56 @@
+"""Sharpness measurements inside a user's own training loop.
+
+    tracker = SharpnessTracker(model, loss_fn, (x, y))         # any nn.Module, any loss
+    m = tracker.measure(eta=0.1, rho=0.05, optimizer="sam")     # at the model's current weights
+    m.sharpness, m.edge, m.sharpness_over_edge, m.grad_alignment
+
+The loss function takes ``(outputs, targets)`` and returns the mean loss of a batch.  ``data`` is
+one ``(inputs, targets)`` pair (split into ``chunk_size`` pieces) or a list of such batches,
+which are combined weighted by their number of targets: the full-batch loss.  Eigen-solves are
+warm-started from the previous call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import Tensor, nn
+
+from .curvature import HessianEigensolver
+from .measurements import Measurement, measure
+from .objective import Objective
+from .optim import sam_gradient
+
+__all__ = ["SharpnessTracker"]
+
+
+class SharpnessTracker:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        data: tuple[Tensor, Tensor] | Sequence[tuple[Tensor, Tensor]],
+        *,
+        chunk_size: int | None = None,
+        k: int = 1,
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        method: str = "lanczos",
+        seed: int = 0,
+    ):
+        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+            self.objective = Objective.from_tensors(model, loss_fn, data[0], data[1], chunk_size)
+        else:
+            self.objective = Objective(model, loss_fn, list(data))
+        self.solver = HessianEigensolver(k=k, method=method, tol=tol, max_iter=max_iter, seed=seed)
+
+    def measure(self, *, eta: float, rho: float = 0.0, optimizer: str = "sam", momentum: float = 0.0) -> Measurement:
+        """Sharpness, gradient norm, edges and alignments at the model's current parameters."""
+        params = self.objective.parameters()
+        grad = self.objective.grad(params)
+        rho_used = 0.0 if optimizer == "gd" else rho
+        sam_grad = sam_gradient(self.objective.grad, params, grad, rho_used, normalized=optimizer != "usam")
+        return measure(
+            self.objective, params, grad, sam_grad, self.solver,
+            optimizer=optimizer, eta=eta, rho=rho_used, momentum=momentum,
+        )

@@ -1,0 +1,210 @@
+"""End-to-end: the CLI on the embedded MNIST digits, run directories, bad input."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+
+from samedge.cli import main
+from samedge.config import build_config
+from samedge.params import flatten, unflatten
+from samedge.tasks import build_task
+from samedge.thresholds import sam_edge
+
+SMALL = ["--n-train", "200", "--n-test", "100", "--width", "32", "--depth", "3", "--no-progress"]
+REQUIRED_COLUMNS = [
+    "step", "train_loss", "grad_norm", "sharpness", "gd_edge", "sam_edge", "sharpness_over_edge",
+    "grad_alignment", "sam_grad_alignment", "hvps", "elapsed_s",
+]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_edge_command_matches_formula(capsys):
+    code, out, _ = run_cli(["edge", "--eta", "0.1", "--rho", "0.05", "--grad-norm", "0.03", "--json"], capsys)
+    assert code == 0
+    values = json.loads(out)
+    g = 0.03
+    closed = (g / (2 * 0.05)) * (math.sqrt(1 + 8 * 0.05 / (0.1 * g)) - 1)
+    assert values["sam_edge"] == pytest.approx(closed, rel=1e-12)
+    assert values["gd_edge"] == pytest.approx(20.0, rel=1e-15)
+    assert values["usam_edge"] == pytest.approx(4 / (0.1 * (1 + math.sqrt(1 + 8 * 0.05 / 0.1))), rel=1e-12)
+
+
+def test_short_run_writes_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(["run", "mnist", "--steps", "20", "--measure-every", "5", "--out", str(out), *SMALL], capsys)
+    assert code == 0, stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["steps"] == 20 and config["config"]["width"] == 32
+    assert config["config"]["optimizer"] == "sam" and config["config"]["eta"] == 0.1
+    assert "torch" in config["versions"] and "embedded" in config["data_source"]
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [0, 5, 10, 15, 20]
+    for col in REQUIRED_COLUMNS:
+        assert col in rows[0]
+    for r in rows:
+        edge = sam_edge(0.1, 0.1, float(r["grad_norm"]))
+        assert float(r["sam_edge"]) == pytest.approx(edge, rel=1e-12)
+        assert float(r["gd_edge"]) == pytest.approx(20.0)
+        assert float(r["sharpness_over_edge"]) == pytest.approx(float(r["sharpness"]) / edge, rel=1e-12)
+        assert 0 <= float(r["grad_alignment"]) <= 1 and 0 <= float(r["sam_grad_alignment"]) <= 1
+        assert r["eig_converged"] == "1" and float(r["eig_residual"]) <= 1e-3
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("ratio_median", "ratio_iqr", "edge_reached_step", "final_train_loss", "test_error", "diverged"):
+        assert key in summary
+    assert summary["diverged"] is False
+    assert summary["final_train_loss"] == pytest.approx(float(rows[-1]["train_loss"]))
+    for name in ("sharpness", "sharpness_vs_edge", "alignment", "loss", "grad_norm"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+        assert (out / f"{name}.pdf").stat().st_size > 1000
+    assert "run directory" in stdout
+
+
+def test_sharpness_at_initialization_matches_independent_eigsh(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, _ = run_cli(
+        ["run", "mnist", "--steps", "0", "--out", str(out), "--dtype", "float64", "--no-plots", *SMALL], capsys
+    )
+    assert code == 0
+    recorded = float(read_csv(out / "metrics.csv")[0]["sharpness"])
+    cfg = build_config("mnist", overrides=dict(n_train=200, n_test=100, width=32, depth=3, dtype="float64"))
+    task = build_task(cfg)
+    params = task.train.parameters()
+    n = sum(p.numel() for p in params)
+
+    def mv(x):
+        v = unflatten(torch.as_tensor(x, dtype=torch.float64).ravel(), params)
+        return flatten(task.train.hvp(params, v)).numpy()
+
+    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=mv, dtype=np.float64)
+    top = scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=1e-12, v0=np.ones(n))[0][0]
+    assert recorded == pytest.approx(top, rel=1e-4)
+
+
+def test_same_seed_same_metrics(tmp_path, capsys):
+    args = ["run", "mnist", "--steps", "12", "--measure-every", "4", "--no-plots", *SMALL]
+    assert run_cli([*args, "--out", str(tmp_path / "a")], capsys)[0] == 0
+    assert run_cli([*args, "--out", str(tmp_path / "b")], capsys)[0] == 0
+    a, b = read_csv(tmp_path / "a" / "metrics.csv"), read_csv(tmp_path / "b" / "metrics.csv")
+    for ra, rb in zip(a, b):
+        ra.pop("elapsed_s"), rb.pop("elapsed_s")
+        assert ra == rb
+    assert len(a) == len(b) == 4
+    assert run_cli([*args, "--out", str(tmp_path / "c"), "--seed", "1"], capsys)[0] == 0
+    c = read_csv(tmp_path / "c" / "metrics.csv")
+    assert c[0]["train_loss"] != a[0]["train_loss"]
+
+
+def test_existing_run_directory_is_not_clobbered(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "mnist", "--steps", "2", "--measure-every", "1", "--no-plots", "--out", str(out), *SMALL]
+    assert run_cli(args, capsys)[0] == 0
+    before = (out / "metrics.csv").read_bytes()
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert err.count("\n") == 1
+    assert (out / "metrics.csv").read_bytes() == before
+    assert run_cli([*args, "--overwrite"], capsys)[0] == 0
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    code, _, err = run_cli(["run", "mnist", "--steps", "1", "--out", str(other), "--overwrite", *SMALL], capsys)
+    assert code == 2 and "not a samedge run directory" in err
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--eta", "-1"], "eta"),
+        (["--eta", "0"], "eta"),
+        (["--rho", "-0.1"], "rho"),
+        (["--optimizer", "adam"], "optimizer"),
+        (["--momentum", "1.5"], "momentum"),
+        (["--measure-every", "0"], "measure_every"),
+        (["--optimizer", "gd", "--rho", "0.1"], "rho"),
+        (["--eta", "abc"], "--eta"),
+        (["--no-such-flag"], "--no-such-flag"),
+        (["--data", "/nonexistent/mnist-dir"], "/nonexistent/mnist-dir"),
+        (["--n-train", "4900", "--n-test", "1000"], "5000"),
+    ],
+)
+def test_bad_input_one_line_error_nothing_written(tmp_path, capsys, extra, needle):
+    out = tmp_path / "run"
+    code = main(["run", "mnist", "--steps", "1", "--out", str(out), *SMALL, *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err
+    assert err.strip().count("\n") == 0, err
+    assert not out.exists()
+
+
+def test_unknown_task(capsys):
+    code, _, err = run_cli(["run", "imagenet"], capsys)
+    assert code == 2 and "imagenet" in err
+
+
+def test_config_file_and_errors(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('optimizer = "usam"\nrho = 0.5\nsteps = 3\nmeasure_every = 3\nn_train = 200\nn_test = 100\nwidth = 16\ndepth = 2\n')
+    out = tmp_path / "run"
+    code, _, _ = run_cli(["run", "mnist", "--config", str(cfg), "--eta", "0.05", "--out", str(out), "--no-plots", "--no-progress"], capsys)
+    assert code == 0
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["optimizer"] == "usam" and saved["rho"] == 0.5 and saved["eta"] == 0.05 and saved["width"] == 16
+    rows = read_csv(out / "metrics.csv")
+    assert float(rows[0]["sam_edge"]) == pytest.approx(4 / (0.05 * (1 + math.sqrt(1 + 8 * 0.5 / 0.05))), rel=1e-12)
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("eta = = 1\n")
+    code, _, err = run_cli(["run", "mnist", "--config", str(bad), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "not valid TOML" in err
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("etta = 0.1\n")
+    code, _, err = run_cli(["run", "mnist", "--config", str(unknown), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "etta" in err
+    code, _, err = run_cli(["run", "mnist", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "does not exist" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_divergence_stops_and_is_recorded(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(
+        ["run", "mnist", "--optimizer", "gd", "--eta", "500", "--steps", "50", "--measure-every", "1", "--out", str(out), *SMALL],
+        capsys,
+    )
+    assert code == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged"] is True
+    assert 0 < summary["diverged_step"] < 50
+    assert "DIVERGED" in stdout
+    rows = read_csv(out / "metrics.csv")
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+
+
+def test_gd_preset_and_plot_command(tmp_path, capsys):
+    out = tmp_path / "gd"
+    code, _, _ = run_cli(["run", "mnist", "--preset", "mnist-gd", "--steps", "4", "--measure-every", "2", "--out", str(out), *SMALL], capsys)
+    assert code == 0
+    rows = read_csv(out / "metrics.csv")
+    assert all(float(r["sam_edge"]) == pytest.approx(2 / 0.8) for r in rows)  # GD's edge is 2/eta
+    (out / "loss.png").unlink()
+    code, stdout, _ = run_cli(["plot", str(out)], capsys)
+    assert code == 0 and (out / "loss.png").exists() and "loss.png" in stdout
+    code, _, err = run_cli(["plot", str(tmp_path)], capsys)
+    assert code == 2 and "metrics.csv" in err
