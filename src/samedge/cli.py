@@ -32,13 +32,14 @@ _HELP = {
     "eig_tol": "relative residual at which an eigen-solve stops",
     "eig_max_iter": "most HVPs (Lanczos steps) per eigen-solve",
     "measure_perturbed": "also measure the sharpness at SAM's ascent point w + e",
-    "hvp_mode": "double-backward, reverse-over-forward or forward-over-reverse",
+    "hvp_mode": "double-backward or forward-over-reverse (same numbers)",
     "data": "data directory or file (default: the data embedded for the task)",
     "n_train": "number of training examples",
     "n_test": "number of test examples",
     "subset": "first N examples, or a seeded class-balanced sample",
     "chunk_size": "examples per chunk for full-batch sums (bounds memory)",
     "loss": "mse (squared error on one-hot targets, as the paper) or xent",
+    "checkpoint_every": "checkpoint every N steps (0: only at the end and on Ctrl-C)",
     "seed": "random seed (data order, initialization, eigen-solver start)",
     "dtype": "float32 or float64",
     "device": "cpu, cuda or auto",
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="train and measure; writes a run directory")
-    run.add_argument("task", help=f"one of {', '.join(TASKS)}")
+    run.add_argument("task", nargs="?", help=f"one of {', '.join(TASKS)} (not with --resume)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     run.add_argument("--config", help="TOML file with settings (flags override it)")
     run.add_argument("--preset", help=f"named settings: {', '.join(preset_names())}")
     run.add_argument("--out", help="run directory (default: runs/<task>-<optimizer>-eta..-seed..)")
@@ -96,12 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .plotting import plot_run
-    from .runner import default_run_dir, run
+    from .runner import default_run_dir, load_run_config, run
 
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "task"}
-    cfg = build_config(args.task, preset=args.preset, config_file=args.config, overrides=overrides)
-    out = Path(args.out) if args.out else default_run_dir(cfg)
-    result = run(cfg, out, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.resume:
+        given = [k for k, v in overrides.items() if v is not None]
+        if given or args.preset or args.config or args.out or args.overwrite:
+            what = f"--{given[0].replace('_', '-')}" if given else "--preset/--config/--out/--overwrite"
+            raise ConfigError(f"{what} cannot be combined with --resume: a resumed run keeps its saved settings")
+        cfg = load_run_config(args.resume)
+        if args.task is not None and args.task != cfg.task:
+            raise ConfigError(f"{args.resume} is a {cfg.task} run, not {args.task}")
+        out = Path(args.resume)
+    else:
+        if args.task is None:
+            raise ConfigError(f"name a task ({', '.join(TASKS)}) or give --resume RUN_DIR")
+        cfg = build_config(args.task, preset=args.preset, config_file=args.config, overrides=overrides)
+        out = Path(args.out) if args.out else default_run_dir(cfg)
+    result = run(cfg, out, overwrite=args.overwrite, progress=not args.no_progress, resume=bool(args.resume))
     if not args.no_plots and result.summary.get("measurements"):
         plot_run(out)
     _report(result.summary, out)

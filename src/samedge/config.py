@@ -48,6 +48,7 @@ class RunConfig:
     eig_max_iter: int = 100
     measure_perturbed: bool = False
     hvp_mode: str = "double-backward"
+    checkpoint_every: int = 100  # steps; 0: only at the end (and on Ctrl-C)
     # data
     data: str | None = None
     n_train: int | None = 2000
@@ -86,7 +87,7 @@ _CHOICES: dict[str, tuple] = {
     "task": TASKS,
     "optimizer": ("gd", "sam", "usam"),
     "eig_method": ("lanczos", "eigsh", "power", "paper"),
-    "hvp_mode": ("double-backward", "reverse-over-forward", "forward-over-reverse"),
+    "hvp_mode": ("double-backward", "forward-over-reverse"),
     "subset": ("first", "balanced"),
     "loss": ("mse", "xent"),
     "activation": ("relu", "tanh", "gelu", "elu", "softplus"),
@@ -101,6 +102,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "steps": (0, math.inf, True),
     "batch_size": (1, math.inf, True),
     "measure_every": (1, math.inf, True),
+    "checkpoint_every": (0, math.inf, True),
     "eig_k": (1, 64, True),
     "eig_tol": (0.0, 1.0, False),
     "eig_max_iter": (1, 100000, True),

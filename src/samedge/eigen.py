@@ -89,7 +89,9 @@ def lanczos(
     Stops as soon as every wanted Ritz pair has ``residual <= tol * max |ritz value|``; since an
     eigenvalue lies within the residual of each Ritz value, this bounds the relative error of
     the eigenvalues by ``tol`` (in practice the error is about ``residual**2 / gap``, far smaller).
-    ``v0`` (one vector, or the previous eigenvectors as rows) warm-starts the iteration.
+    ``v0`` (one vector, or the previous eigenvectors as rows) warm-starts the iteration.  When the
+    Krylov space becomes invariant (the start lies in an eigenspace), the iteration restarts from
+    a random vector orthogonal to it, so one more product checks for eigenvalues it cannot see.
     """
     if k < 1 or k > dim:
         raise ValueError(f"k must be in [1, {dim}], got {k}")
@@ -106,7 +108,7 @@ def lanczos(
     theta = np.zeros(0)
     S = np.zeros((0, 0))
     residuals = np.full(k, np.inf)
-    converged = False
+    converged = restarted = False
     for j in range(max_iter):
         basis.append(q)
         w = matvec(q)
@@ -125,13 +127,17 @@ def lanczos(
         m = min(k, len(theta))
         residuals = beta * np.abs(S[-1, :m])
         scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
-        if m == k and np.all(residuals <= tol * scale):
+        # An exhausted (invariant) Krylov space holds exact eigenpairs but can hide others, e.g. a
+        # repeated top eigenvalue: the first time, restart from a fresh orthogonal vector before
+        # trusting it.
+        invariant = beta <= 1e-10 * scale and len(basis) < dim
+        if m == k and np.all(residuals <= tol * scale) and not (invariant and not restarted):
             converged = True
             break
         if j == max_iter - 1:
             break
-        if beta <= 1e-10 * scale:
-            # Invariant subspace found before k pairs: continue from a fresh orthogonal vector.
+        if invariant:
+            restarted = True
             w = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
             for _ in range(2):
                 w = w - Q.T @ (Q @ w)
@@ -214,6 +220,8 @@ def power_iteration(
         if residual <= tol * abs(theta):
             converged = True
             break
+        if n == max_iter:
+            break  # keep v: theta and residual belong to it
         v = w / torch.linalg.vector_norm(w)
     return EigenResult(np.array([theta]), v[None], np.array([residual]), converged, n, "power")
 

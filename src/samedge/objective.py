@@ -8,15 +8,17 @@ a loss and a data set split into chunks.  Every quantity is the size-weighted su
 so the result is the full-batch value while peak memory is set by one chunk.  A minibatch is
 simply an objective with one chunk.
 
-Hessian-vector products are exact (no finite differences).  Three routes give the same numbers:
+Hessian-vector products are exact (no finite differences), by one of two routes:
 
 * ``"double-backward"`` (default): backward through the autograd graph of the chunk's gradient.
-  Works for every module that supports ``create_graph=True``.
-* ``"reverse-over-forward"``: reverse mode of the directional derivative ``d/de L(w + e v)``
-  computed by forward-mode AD.  It skips the primal weight gradients, so it needs fewer FLOPs
-  (about 2.1 gradients for an MLP against 2.5 for the others), but PyTorch's forward AD adds
-  copies; benchmarks/RESULTS.md has the measured times.
+  Works for every module that supports ``create_graph=True``; measured the fastest on CPU
+  (benchmarks/RESULTS.md).
 * ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``.
+
+Reverse-over-forward (reverse mode of a forward-mode directional derivative) needs fewer FLOPs
+on paper (it skips the primal weight gradients: ~2.1 gradients per HVP for an MLP against ~2.5),
+but it was not faster in PyTorch 2.13, and there it fails through ``F.cross_entropy`` and gives
+silently wrong products through ``F.layer_norm``; so it is not offered.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -35,7 +36,7 @@ from .params import Params
 
 __all__ = ["Objective", "Evaluation", "HVP_MODES"]
 
-HVP_MODES = ("double-backward", "reverse-over-forward", "forward-over-reverse")
+HVP_MODES = ("double-backward", "forward-over-reverse")
 
 
 @dataclass(frozen=True)
@@ -153,16 +154,7 @@ class Objective:
         _, hv = torch.func.jvp(torch.func.grad(loss_of), (tuple(params),), (tuple(vector),))
         return hv
 
-    def _hvp_reverse_over_forward(self, params, vector, x, y):
-        leaves = [p.detach().requires_grad_(True) for p in params]
-        with fwAD.dual_level():
-            duals = [fwAD.make_dual(p, v) for p, v in zip(leaves, vector)]
-            chunk_loss = self.loss_fn(self.outputs(duals, x), y)
-            directional = fwAD.unpack_dual(chunk_loss).tangent
-        return torch.autograd.grad(directional, leaves)
-
     _hvp_routes = {
         "double-backward": _hvp_double_backward,
-        "reverse-over-forward": _hvp_reverse_over_forward,
         "forward-over-reverse": _hvp_forward_over_reverse,
     }

@@ -18,19 +18,31 @@ from torch import Tensor
 
 from .params import Params, add_scaled, norm
 
-__all__ = ["OPTIMIZERS", "perturbation", "sam_gradient", "heavy_ball_update", "SAM"]
+__all__ = ["OPTIMIZERS", "perturbation_scale", "perturbation", "sam_point", "sam_gradient", "heavy_ball_update", "SAM"]
 
 OPTIMIZERS = ("gd", "sam", "usam")
 
 
+def perturbation_scale(grad: Sequence[Tensor], rho: float, normalized: bool = True) -> float:
+    """The factor ``s`` with ``e = s g``: ``rho / ||g||`` (SAM; 0 when ``g = 0``) or ``rho`` (USAM)."""
+    return _scale(norm(grad) if normalized else 1.0, rho, normalized)
+
+
+def _scale(grad_norm: float, rho: float, normalized: bool) -> float:
+    if not normalized:
+        return rho
+    return rho / grad_norm if grad_norm > 0.0 else 0.0
+
+
 def perturbation(grad: Sequence[Tensor], rho: float, normalized: bool = True) -> Params:
     """SAM's ascent step ``rho g / ||g||`` (``normalized``) or USAM's ``rho g``."""
-    if not normalized:
-        return tuple(rho * g for g in grad)
-    g_norm = norm(grad)
-    if g_norm == 0.0:
-        return tuple(torch.zeros_like(g) for g in grad)
-    return tuple((rho / g_norm) * g for g in grad)
+    scale = perturbation_scale(grad, rho, normalized)
+    return tuple(scale * g for g in grad)
+
+
+def sam_point(params: Sequence[Tensor], grad: Sequence[Tensor], rho: float, normalized: bool = True) -> Params:
+    """``w + e``: the point where SAM (or USAM) evaluates its gradient."""
+    return add_scaled(params, grad, perturbation_scale(grad, rho, normalized))
 
 
 def sam_gradient(
@@ -43,7 +55,7 @@ def sam_gradient(
     """``grad_fn(params + e)``: the gradient SAM (or USAM) steps along; ``grad`` is ``grad_fn(params)``."""
     if rho == 0.0:
         return tuple(grad)
-    return grad_fn(add_scaled(params, perturbation(grad, rho, normalized), 1.0))
+    return grad_fn(sam_point(params, grad, rho, normalized))
 
 
 def heavy_ball_update(
@@ -118,10 +130,7 @@ class SAM(torch.optim.Optimizer):
             rho = group["rho"]
             if rho == 0.0:
                 continue
-            if group["normalized"]:
-                scale = rho / self.last_grad_norm if self.last_grad_norm > 0 else 0.0
-            else:
-                scale = rho
+            scale = _scale(self.last_grad_norm, rho, group["normalized"])
             perturbed.append((p, p.detach().clone()))  # restored exactly, not by subtraction
             p.add_(p.grad, alpha=scale)
         if perturbed:

@@ -45,5 +45,6 @@ def norm(a: Sequence[Tensor]) -> float:
 
 
 def add_scaled(a: Sequence[Tensor], b: Sequence[Tensor], scale: float) -> Params:
-    """``a + scale * b``, elementwise over the tuple."""
-    return tuple(x + scale * y for x, y in zip(a, b))
+    """``a + scale * b``, elementwise over the tuple (``torch.add(..., alpha=)``: the same rounding
+    as ``Tensor.add_(b, alpha=scale)`` in optimizers)."""
+    return tuple(torch.add(x, y, alpha=scale) for x, y in zip(a, b))

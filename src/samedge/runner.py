@@ -6,7 +6,9 @@ The loop at step ``t`` (t = 0 .. steps):
 2. the direction: ``g`` (GD) or the SAM/USAM gradient at ``w_t + e``;
 3. every ``measure_every`` steps and at the last step: a measurement at ``w_t`` (eigen-solve,
    warm-started; the gradients of 1-2 are reused), written to ``metrics.csv`` at once;
-4. the update ``w_{t+1}`` (heavy-ball if ``momentum > 0``), except after the last step.
+4. the update ``w_{t+1}`` (heavy-ball if ``momentum > 0``), except after the last step;
+5. every ``checkpoint_every`` steps, at the end, and on Ctrl-C: a checkpoint
+   (:mod:`samedge.checkpoint`) from which ``--resume`` continues with identical metrics rows.
 
 Everything random is seeded from ``config.seed``; the schedule counts steps, never seconds.
 Figures are drawn afterwards from ``metrics.csv`` by :mod:`samedge.plotting`.
@@ -14,7 +16,9 @@ Figures are drawn afterwards from ``metrics.csv`` by :mod:`samedge.plotting`.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -27,17 +31,16 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import RunConfig
+from .checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
+from .config import RunConfig, from_mapping
 from .curvature import HessianEigensolver
 from .measurements import measure
 from .metrics import MetricsWriter, base_columns, read_metrics, summarize, write_json
-from .optim import heavy_ball_update, perturbation, sam_gradient
-from .params import add_scaled, norm
+from .optim import heavy_ball_update, sam_gradient, sam_point
+from .params import norm
 from .tasks import Task, build_task
 
-__all__ = ["RunResult", "run", "prepare_run_dir", "RUN_FILES", "default_run_dir"]
-
-RUN_FILES = ("config.json", "metrics.csv", "summary.json")
+__all__ = ["RunResult", "run", "prepare_run_dir", "default_run_dir", "load_run_config", "truncate_metrics"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,33 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
+def truncate_metrics(path: Path, before_step: int) -> None:
+    """Keep the header and the complete rows with ``step < before_step`` (atomically)."""
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")[:-1]  # the piece after the last newline is partial
+    kept = lines[:1] + [ln for ln in lines[1:] if ln and float(ln.split(",", 1)[0]) < before_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(ln + "\n" for ln in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The configuration saved in ``run_dir/config.json`` (for ``--resume``)."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no config.json; is it a samedge run directory?")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path} is corrupted (no readable 'config')") from None
+    return from_mapping(saved, where=f"{path} config")
+
+
 def run(
     cfg: RunConfig,
     run_dir: str | Path | None = None,
@@ -109,22 +139,12 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     task: Task | None = None,
+    resume: bool = False,
 ) -> RunResult:
-    """Train and measure as ``cfg`` says; write ``config.json``, ``metrics.csv``, ``summary.json``."""
+    """Train and measure as ``cfg`` says; write ``config.json``, ``metrics.csv``, ``summary.json``
+    and checkpoints.  With ``resume``, continue from ``run_dir``'s checkpoint."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     task = task if task is not None else build_task(cfg)  # data errors surface before anything is written
-    prepare_run_dir(run_dir, overwrite)
-    write_json(
-        run_dir / "config.json",
-        {
-            "config": cfg.to_dict(),
-            "data_source": task.source,
-            "n_parameters": task.n_parameters,
-            "versions": provenance(),
-            "command": sys.argv,
-        },
-    )
-    columns = base_columns(cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement)
     solver = HessianEigensolver(
         k=cfg.eig_k, method=cfg.eig_method, tol=cfg.eig_tol, max_iter=cfg.eig_max_iter, seed=cfg.seed
     )
@@ -133,16 +153,48 @@ def run(
         if cfg.measure_perturbed
         else None
     )
+    if resume:
+        state = load_checkpoint(run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device)
+        truncate_metrics(run_dir / "metrics.csv", state.step)
+    else:
+        prepare_run_dir(run_dir, overwrite)
+        write_json(
+            run_dir / "config.json",
+            {
+                "config": cfg.to_dict(),
+                "data_source": task.source,
+                "n_parameters": task.n_parameters,
+                "versions": provenance(),
+                "command": sys.argv,
+            },
+        )
+        state = TrainState(0, task.train.parameters(), None, solver.state_dict(),
+                           perturbed_solver.state_dict() if perturbed_solver else None, 0.0)
+    solver.load_state_dict(state.solver)
+    if perturbed_solver is not None:
+        perturbed_solver.load_state_dict(state.perturbed_solver)
+    columns = base_columns(cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement)
     normalized = cfg.optimizer == "sam"
     rho = 0.0 if cfg.optimizer == "gd" else cfg.rho
-    params = task.train.parameters()
-    velocity = None
+    params, velocity = state.params, state.velocity
     status: dict[str, Any] = {"diverged": False, "diverged_step": None, "interrupted": False}
-    start = time.perf_counter()
-    bar = _progress_bar(cfg.steps, progress)
+    if resume:
+        status["resumed_from_step"] = state.step
+    start = time.perf_counter() - state.elapsed
+    saved_config = cfg.to_dict()
+
+    def boundary(step: int, finished: bool = False) -> TrainState:
+        return TrainState(step, params, velocity, solver.state_dict(),
+                          perturbed_solver.state_dict() if perturbed_solver else None,
+                          time.perf_counter() - start, finished)
+
+    bar = _progress_bar(cfg.steps, progress and not state.finished, initial=min(state.step, cfg.steps))
+    at_start = boundary(state.step, state.finished)
+    step = state.step
     with MetricsWriter(run_dir / "metrics.csv", columns) as writer:
         try:
-            for step in range(cfg.steps + 1):
+            for step in range(state.step, cfg.steps + 1) if not state.finished else ():
+                at_start = boundary(step)
                 objective = task.objective_at(step)
                 ev = objective.loss_and_grad(params)
                 g_norm = norm(ev.grad)
@@ -152,7 +204,7 @@ def run(
                 direction = sam_gradient(objective.grad, params, ev.grad, rho, normalized)
                 if step % cfg.measure_every == 0 or step == cfg.steps:
                     perturbed = (
-                        add_scaled(params, perturbation(ev.grad, rho, normalized), 1.0) if cfg.measure_perturbed else None
+                        sam_point(params, ev.grad, rho, normalized) if cfg.measure_perturbed else None
                     )
                     m = measure(
                         objective, params, ev.grad, direction, solver,
@@ -169,17 +221,24 @@ def run(
                         status.update(diverged=True, diverged_step=step, reason="non-finite sharpness")
                         break
                 if step == cfg.steps:
+                    save_checkpoint(run_dir, saved_config, boundary(step + 1, finished=True))
                     break
                 params, velocity = heavy_ball_update(params, direction, cfg.eta, velocity, cfg.momentum)
                 bar.update(1)
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    save_checkpoint(run_dir, saved_config, boundary(step + 1))
         except KeyboardInterrupt:
-            status.update(interrupted=True, interrupted_step=step)
+            save_checkpoint(run_dir, saved_config, at_start)
+            params = at_start.params
+            status.update(interrupted=True, interrupted_step=at_start.step)
         finally:
             bar.close()
     elapsed = time.perf_counter() - start
     summary = summarize(read_metrics(run_dir / "metrics.csv"))
     summary.update(status)
-    if not status["diverged"]:
+    if status["diverged"]:
+        summary["checkpoint_note"] = "checkpoint.pt holds the last checkpoint taken before the divergence"
+    else:
         test = task.test.evaluate(params)
         summary.update(test_loss=test.loss, test_accuracy=test.accuracy, test_error=1.0 - test.accuracy)
     summary["elapsed_s"] = elapsed
@@ -216,9 +275,9 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,117 @@
+"""Checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is taken at a step boundary: ``step`` is the next step to run, ``params`` and
+``velocity`` are ``w_step`` and the heavy-ball buffer, the eigen-solvers' warm-start vectors and
+generator states are as they were when that step would start.  The data order needs no state:
+minibatches are a pure function of (seed, step).  Files are written atomically (temporary file,
+fsync, rename), so a crash while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .params import Params
+
+__all__ = ["TrainState", "CheckpointError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupted, or does not belong to this run's configuration."""
+
+
+@dataclass
+class TrainState:
+    step: int
+    params: Params
+    velocity: Params | None
+    solver: dict
+    perturbed_solver: dict | None
+    elapsed: float
+    finished: bool = False
+
+
+def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainState) -> Path:
+    path = Path(run_dir) / CHECKPOINT_NAME
+    payload = {
+        "format": _FORMAT,
+        "config": config,
+        "step": state.step,
+        "finished": state.finished,
+        "params": [p.detach().cpu() for p in state.params],
+        "velocity": None if state.velocity is None else [v.detach().cpu() for v in state.velocity],
+        "solver": _to_cpu(state.solver),
+        "perturbed_solver": _to_cpu(state.perturbed_solver),
+        "elapsed": state.elapsed,
+        "torch_rng": torch.get_rng_state(),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _to_cpu(state: dict | None) -> dict | None:
+    if state is None:
+        return None
+    return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+
+
+def load_checkpoint(
+    run_dir: str | Path, config: dict[str, Any], like: Params, *, device: torch.device | str = "cpu"
+) -> TrainState:
+    """Load and check a checkpoint against the run's configuration and parameter shapes."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} has no {CHECKPOINT_NAME} to resume from")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path} is corrupted or not a samedge checkpoint ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise CheckpointError(f"{path} is not a samedge checkpoint of format {_FORMAT}")
+    saved = payload.get("config", {})
+    differing = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if differing:
+        k = differing[0]
+        raise CheckpointError(
+            f"{path} was written with {k} = {saved.get(k)!r}, but the run's config.json has {config.get(k)!r}"
+        )
+    params = payload["params"]
+    if len(params) != len(like) or any(p.shape != q.shape for p, q in zip(params, like)):
+        raise CheckpointError(f"{path}: parameter shapes do not match the model built from the configuration")
+    dtype = like[0].dtype
+
+    def place(tensors):
+        return None if tensors is None else tuple(t.to(device=device, dtype=dtype) for t in tensors)
+
+    solver = payload["solver"]
+    if solver.get("previous") is not None:
+        solver = {**solver, "previous": solver["previous"].to(device=device, dtype=dtype)}
+    perturbed = payload["perturbed_solver"]
+    if perturbed is not None and perturbed.get("previous") is not None:
+        perturbed = {**perturbed, "previous": perturbed["previous"].to(device=device, dtype=dtype)}
+    torch.set_rng_state(payload["torch_rng"])
+    return TrainState(
+        step=int(payload["step"]),
+        params=place(params),
+        velocity=place(payload["velocity"]),
+        solver=solver,
+        perturbed_solver=perturbed,
+        elapsed=float(payload["elapsed"]),
+        finished=bool(payload["finished"]),
+    )

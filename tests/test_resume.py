@@ -1,0 +1,111 @@
+"""Checkpoints and exact resume, including after SIGKILL of a real process."""
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from samedge.cli import main
+
+SMALL = ["--n-train", "200", "--n-test", "100", "--width", "32", "--depth", "3", "--no-progress", "--no-plots"]
+ARGS = ["run", "mnist", "--steps", "40", "--measure-every", "2", "--checkpoint-every", "5", *SMALL]
+
+
+def rows_without_time(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r.pop("elapsed_s")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    return rows_without_time(out / "metrics.csv")
+
+
+def test_resume_after_sigkill_gives_identical_rows(tmp_path, reference):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "samedge.cli", *ARGS, "--out", str(out)]
+    rng = random.Random(1234)
+    killed = False
+    for attempt in range(3):  # kill at a random moment after the first checkpoint exists
+        proc = subprocess.Popen(cmd if attempt == 0 else [sys.executable, "-m", "samedge.cli", "run", "--resume", str(out), "--no-progress", "--no-plots"])
+        deadline = time.time() + 60
+        while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+        proc.wait()
+        rows = rows_without_time(out / "metrics.csv")  # parseable after every kill
+        assert all(r["step"] for r in rows)
+    assert killed, "the run finished before it could be killed"
+    code = subprocess.run([sys.executable, "-m", "samedge.cli", "run", "--resume", str(out), "--no-progress", "--no-plots"]).returncode
+    assert code == 0
+    assert rows_without_time(out / "metrics.csv") == reference
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged"] is False and summary["final_step"] == 40
+
+
+def test_resume_of_finished_run_changes_nothing(tmp_path, reference):
+    out = tmp_path / "run"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    before = (out / "metrics.csv").read_text()
+    assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
+    assert (out / "metrics.csv").read_text() == before
+
+
+def test_keyboard_interrupt_checkpoints_and_resumes(tmp_path, reference, monkeypatch):
+    import samedge.runner as runner
+
+    out = tmp_path / "run"
+    original = runner.heavy_ball_update
+    calls = {"n": 0}
+
+    def interrupting(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return original(*a, **kw)
+
+    monkeypatch.setattr(runner, "heavy_ball_update", interrupting)
+    assert main([*ARGS, "--out", str(out)]) == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["interrupted_step"] == 12
+    monkeypatch.setattr(runner, "heavy_ball_update", original)
+    assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
+    assert rows_without_time(out / "metrics.csv") == reference
+
+
+def test_bad_resume_inputs(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*ARGS[:3], "6", *ARGS[4:], "--out", str(a)]) == 0
+    assert main([*ARGS[:3], "6", *ARGS[4:], "--out", str(b), "--eta", "0.05"]) == 0
+    capsys.readouterr()
+    # a checkpoint from another configuration
+    (a / "checkpoint.pt").write_bytes((b / "checkpoint.pt").read_bytes())
+    assert main(["run", "--resume", str(a)]) == 2
+    assert "eta" in capsys.readouterr().err
+    # a corrupted checkpoint
+    (a / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(["run", "--resume", str(a)]) == 2
+    assert "corrupted" in capsys.readouterr().err
+    # no checkpoint, not a run directory, settings with --resume
+    (a / "checkpoint.pt").unlink()
+    assert main(["run", "--resume", str(a)]) == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert main(["run", "--resume", str(b), "--eta", "0.2"]) == 2
+    assert "--eta cannot be combined with --resume" in capsys.readouterr().err
