@@ -192,6 +192,12 @@ def test_divergence_stops_and_is_recorded(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["diverged"] is True
     assert 0 < summary["diverged_step"] < 50
+    assert summary["last_good_step"] == summary["diverged_step"] - 1
+    import torch
+
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == summary["last_good_step"]
+    assert all(torch.isfinite(p).all() for p in saved["params"])
     assert "DIVERGED" in stdout
     rows = read_csv(out / "metrics.csv")
     assert all(math.isfinite(float(r["train_loss"])) for r in rows)

@@ -154,6 +154,17 @@ def test_lanczos_repeated_top_eigenvalue_k2():
     assert not result.converged or np.allclose(result.eigenvalues, [5.0, 5.0], atol=1e-8)
 
 
+def test_lanczos_triple_top_eigenvalue():
+    # eigenvalue 5 three times over a bulk at 1: each Krylov block from one vector sees {5, 1}
+    # only, so the top eigenspace needs two restarts to be found in full.
+    dim = 60
+    A, top_vecs, _ = known_matrix(dim=dim, top=np.array([5.0, 5.0, 5.0]), low=1.0, high=1.0)
+    counter = Counter(A)
+    result = lanczos(counter, dim, k=3, tol=1e-8, generator=gen(), dtype=torch.float64)
+    assert result.matvecs == counter.calls
+    assert not result.converged or np.allclose(result.eigenvalues, [5.0, 5.0, 5.0], atol=1e-8)
+
+
 @pytest.mark.parametrize("solver", [lanczos, power_iteration])
 def test_warm_start_from_exact_eigenvector(solver):
     A, top_vecs, _ = known_matrix()

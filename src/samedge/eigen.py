@@ -108,7 +108,8 @@ def lanczos(
     theta = np.zeros(0)
     S = np.zeros((0, 0))
     residuals = np.full(k, np.inf)
-    converged = restarted = False
+    converged = False
+    fresh = -1  # iteration index of the last restart vector
     for j in range(max_iter):
         basis.append(q)
         w = matvec(q)
@@ -128,16 +129,17 @@ def lanczos(
         residuals = beta * np.abs(S[-1, :m])
         scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
         # An exhausted (invariant) Krylov space holds exact eigenpairs but can hide others, e.g. a
-        # repeated top eigenvalue: the first time, restart from a fresh orthogonal vector before
-        # trusting it.
+        # repeated top eigenvalue: restart from a fresh orthogonal vector, and trust an exhausted
+        # space only when that fresh vector is itself an eigenvector (all that is left is one
+        # eigenspace, already represented).
         invariant = beta <= 1e-10 * scale and len(basis) < dim
-        if m == k and np.all(residuals <= tol * scale) and not (invariant and not restarted):
+        if m == k and np.all(residuals <= tol * scale) and not (invariant and j != fresh):
             converged = True
             break
         if j == max_iter - 1:
             break
         if invariant:
-            restarted = True
+            fresh = j + 1
             w = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
             for _ in range(2):
                 w = w - Q.T @ (Q @ w)

@@ -189,7 +189,7 @@ def run(
                           time.perf_counter() - start, finished)
 
     bar = _progress_bar(cfg.steps, progress and not state.finished, initial=min(state.step, cfg.steps))
-    at_start = boundary(state.step, state.finished)
+    at_start = last_good = boundary(state.step, state.finished)
     step = state.step
     with MetricsWriter(run_dir / "metrics.csv", columns) as writer:
         try:
@@ -201,6 +201,7 @@ def run(
                 if not (_finite(ev.loss) and _finite(g_norm)):
                     status.update(diverged=True, diverged_step=step, reason="non-finite loss or gradient")
                     break
+                last_good = at_start
                 direction = sam_gradient(objective.grad, params, ev.grad, rho, normalized)
                 if step % cfg.measure_every == 0 or step == cfg.steps:
                     perturbed = (
@@ -237,7 +238,8 @@ def run(
     summary = summarize(read_metrics(run_dir / "metrics.csv"))
     summary.update(status)
     if status["diverged"]:
-        summary["checkpoint_note"] = "checkpoint.pt holds the last checkpoint taken before the divergence"
+        save_checkpoint(run_dir, saved_config, last_good)
+        summary["last_good_step"] = last_good.step
     else:
         test = task.test.evaluate(params)
         summary.update(test_loss=test.loss, test_accuracy=test.accuracy, test_error=1.0 - test.accuracy)

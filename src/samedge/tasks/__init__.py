@@ -7,12 +7,14 @@ objective every step, or the step's minibatch) and the objective to test on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, RunConfig
+from ..data import DataError
 from ..objective import Objective
 
 __all__ = ["Task", "build_task", "resolve_device", "TASK_BUILDERS"]
@@ -44,13 +46,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def default_data_path(cfg: RunConfig, task: str, what: str) -> Path:
+    """``cfg.data``, or where ``samedge download TASK`` puts the files (``data/TASK``)."""
+    path = Path(cfg.data) if cfg.data is not None else Path("data") / task
+    if not path.exists():
+        hint = "" if cfg.data is not None else f" (no --data given; run `samedge download {task}` or pass --data)"
+        raise DataError(f"{task} data not found at {path}{hint}; expected {what}")
+    return path
+
+
 def _build_mnist(cfg: RunConfig) -> Task:
     from .mnist import build_mnist
 
     return build_mnist(cfg)
 
 
-TASK_BUILDERS: dict[str, Callable[[RunConfig], Task]] = {"mnist": _build_mnist}
+def _build_cifar10(cfg: RunConfig) -> Task:
+    from .cifar10 import build_cifar10
+
+    return build_cifar10(cfg)
+
+
+def _build_shakespeare(cfg: RunConfig) -> Task:
+    from .shakespeare import build_shakespeare
+
+    return build_shakespeare(cfg)
+
+
+TASK_BUILDERS: dict[str, Callable[[RunConfig], Task]] = {
+    "mnist": _build_mnist,
+    "cifar10": _build_cifar10,
+    "shakespeare": _build_shakespeare,
+}
 
 
 def build_task(cfg: RunConfig) -> Task:
