@@ -142,7 +142,7 @@ def main() -> None:
                     errors[name].append(abs(r.eigenvalues[0] - ref) / abs(ref))
         p, _ = heavy_ball_update(p, sam_gradient(obj.grad, p, g, cfg.rho), cfg.eta)
 
-    say(f"## HVPs per sharpness reading (tolerance 1e-3)")
+    say("## HVPs per sharpness reading (tolerance 1e-3)")
     say("")
     say(
         f"Readings every {measure_every} steps along a {args.train_steps}-step SAM run (eta {cfg.eta}, rho {cfg.rho}); "

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from samedge.curvature import METHODS, HessianEigensolver, hessian_eigenpairs

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from samedge.cli import main
 from samedge.config import build_config
 from samedge.data.shakespeare import MinibatchSampler
-from samedge.objective import Objective
 from samedge.params import flatten
 from samedge.tasks import build_task
 from samedge.thresholds import sam_edge

@@ -55,7 +55,7 @@ def test_sam_edge_solves_its_equation(eta, rho, g):
     # positive root of eta lam (1 + rho lam / g) = 2
     assert rel(eta * lam * (1 + rho * lam / g), 2.0) <= 1e-12
     # it is the positive root of the quadratic (rho/g) lam^2 + lam - 2/eta: the other root is negative
-    a, b_, c = rho / g, 1.0, -2.0 / eta
+    a, c = rho / g, -2.0 / eta
     other = c / a / lam  # product of roots = c / a
     assert other < 0
     assert edge_for("sam", eta, rho, g) == lam
