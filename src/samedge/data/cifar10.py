@@ -35,6 +35,7 @@ import torch
 
 from . import DataError, Split, center_images
 from .download import download, md5sum, verify_md5
+from ..validation import positive_int
 
 __all__ = [
     "CIFAR10_URL",
@@ -310,18 +311,6 @@ def verify_archive(path: str | os.PathLike) -> None:
     verify_md5(path, CIFAR10_MD5)
 
 
-def _count(name: str, value: int | None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def load_cifar10(
@@ -341,8 +330,8 @@ def load_cifar10(
     original order (``subset="balanced"``, see :func:`balanced_indices`); the test set is the first
     ``n_test`` images of ``test_batch``.  Centring uses the mean of the chosen training images.
     """
-    n_train = _count("n_train", n_train)
-    n_test = _count("n_test", n_test)
+    n_train = positive_int("n_train", n_train, optional=True)
+    n_test = positive_int("n_test", n_test, optional=True)
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {', '.join(map(repr, SUBSETS))}, got {subset!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:

