@@ -214,3 +214,26 @@ def test_gd_preset_and_plot_command(tmp_path, capsys):
     assert code == 0 and (out / "loss.png").exists() and "loss.png" in stdout
     code, _, err = run_cli(["plot", str(tmp_path)], capsys)
     assert code == 2 and "metrics.csv" in err
+
+
+def test_sharpness_at_the_perturbed_point(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "mnist", "--steps", "0", "--measure-perturbed", "--dtype", "float64", "--eig-tol", "1e-8", "--no-plots"]
+    assert run_cli([*args, "--out", str(out), *SMALL], capsys)[0] == 0
+    row = read_csv(out / "metrics.csv")[0]
+    cfg = build_config("mnist", overrides=dict(n_train=200, n_test=100, width=32, depth=3, dtype="float64"))
+    task = build_task(cfg)
+    params = task.train.parameters()
+    g = task.train.grad(params)
+    g_norm = float(torch.sqrt(sum((t * t).sum() for t in g)))
+    perturbed = tuple(p + cfg.rho * t / g_norm for p, t in zip(params, g))
+    n = sum(p.numel() for p in params)
+
+    def mv(x):
+        v = unflatten(torch.as_tensor(x, dtype=torch.float64).ravel(), perturbed)
+        return flatten(task.train.hvp(perturbed, v)).numpy()
+
+    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=mv, dtype=np.float64)
+    top = scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=1e-12, v0=np.ones(n))[0][0]
+    assert float(row["sharpness_perturbed"]) == pytest.approx(top, rel=1e-6)
+    assert float(row["sharpness_perturbed"]) != pytest.approx(float(row["sharpness"]), rel=1e-6)
