@@ -2,10 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from samedge.config import ConfigError, RunConfig, build_config, preset_names
-from samedge.metrics import MetricsWriter, base_columns, read_metrics, summarize
+from samedge.metrics import MetricsWriter, base_columns, edge_reached_index, read_metrics, summarize
 
 
 def test_defaults_and_presets():
@@ -84,3 +85,27 @@ def test_summary_statistics():
     never = summarize([{**r, "sharpness_over_edge": 0.1} for r in rows])
     assert never["edge_reached_step"] is None and never["ratio_median"] is None
     assert math.isclose(never["final_train_loss"], 1 / 7)
+
+
+def _ratio_rows(ratios):
+    return [
+        {"step": float(10 * i), "sharpness_over_edge": q, "train_loss": 1.0, "train_accuracy": 0.5,
+         "sharpness": q, "sam_edge": 1.0, "hvps": 1.0, "eig_converged": 1.0}
+        for i, q in enumerate(ratios)
+    ]
+
+
+def test_summary_skips_an_initial_transient_above_the_edge():
+    # Starts 40x above the edge (the Transformer at init), collapses below, climbs back to track it.
+    ratios = [40.0, 3.0, 1.05, 0.5, 0.7, 0.92, 1.0, 1.02, 0.98]
+    s = summarize(_ratio_rows(ratios))
+    assert s["started_above_edge"] is True
+    assert edge_reached_index(ratios) == 2  # first ratio <= 1/0.9 from which one is >= 0.9
+    assert s["edge_reached_step"] == 20
+    assert s["ratio_median"] == pytest.approx(float(np.median(ratios[2:])))
+    # Never back under 1/0.9: never reached.
+    assert summarize(_ratio_rows([40.0, 5.0, 2.0]))["edge_reached_step"] is None
+    # A start within the band counts from the first row, as before.
+    assert edge_reached_index([1.05, 0.8, 1.0]) == 0
+    assert summarize(_ratio_rows([1.05, 0.8, 1.0]))["started_above_edge"] is False
+    assert edge_reached_index([None, float("nan"), 0.95]) == 2

@@ -107,3 +107,31 @@ def test_bad_resume_inputs(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
     assert main(["run", "--resume", str(b), "--eta", "0.2"]) == 2
     assert "--eta cannot be combined with --resume" in capsys.readouterr().err
+
+
+def test_minibatch_run_with_evaluation_batch_resumes_exactly(tmp_path, monkeypatch):
+    """Minibatch SAM on MNIST with a fixed evaluation batch: the evaluation batch's warm-started
+    solver is part of the checkpoint, so an interrupted and resumed run repeats every row."""
+    import samedge.runner as runner
+
+    args = ["run", "mnist", "--steps", "12", "--measure-every", "2", "--batch-size", "50",
+            "--eval-batch-size", "100", *SMALL]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert main([*args, "--out", str(ref)]) == 0
+    reference = rows_without_time(ref / "metrics.csv")
+    assert all(r["eval_sharpness"] and r["eval_eig_converged"] == "1" for r in reference)
+    assert len({r["train_loss"] for r in reference}) == len(reference)  # a new minibatch every step
+    original = runner.heavy_ball_update
+    calls = {"n": 0}
+
+    def interrupting(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(*a, **kw)
+
+    monkeypatch.setattr(runner, "heavy_ball_update", interrupting)
+    assert main([*args, "--out", str(out)]) == 130
+    monkeypatch.setattr(runner, "heavy_ball_update", original)
+    assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
+    assert rows_without_time(out / "metrics.csv") == reference

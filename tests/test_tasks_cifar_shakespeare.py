@@ -3,21 +3,23 @@
 import csv
 import json
 
+import numpy as np
 import pytest
+import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 
 from samedge.cli import main
 from samedge.config import build_config
-from samedge.data.shakespeare import MinibatchSampler
-from samedge.params import flatten
+from samedge.data.sampling import MinibatchSampler, fixed_sample
+from samedge.params import flatten, unflatten
 from samedge.tasks import build_task
 from samedge.thresholds import sam_edge
 
 CIFAR_SMALL = ["--n-train", "64", "--n-test", "64", "--cnn-channels", "4", "--chunk-size", "16", "--no-progress"]
 SHAKE_SMALL = [
     "--batch-size", "8", "--n-train", "64", "--n-test", "16", "--seq-len", "16", "--d-model", "16",
-    "--layers", "1", "--heads", "2", "--key-size", "8", "--no-progress",
+    "--layers", "1", "--heads", "2", "--key-size", "8", "--eval-batch-size", "16", "--no-progress",
 ]
 
 
@@ -94,7 +96,8 @@ def test_stochastic_sam_step_by_hand(shared_data, tmp_path, capsys):
     out = tmp_path / "run"
     text = shared_data / "tinyshakespeare" / "input.txt"
     args = ["run", "shakespeare", "--data", str(text), "--steps", "1", "--dtype", "float64", "--no-plots"]
-    assert main([*args, "--out", str(out), *SHAKE_SMALL]) == 0
+    assert main([*args, "--out", str(out), *SHAKE_SMALL, "--eval-batch-size", "0"]) == 0
+    assert not any(c.startswith("eval_") for c in read_csv(out / "metrics.csv")[0])  # 0: off
     saved = json.loads((out / "config.json").read_text())["config"]
     cfg = build_config("shakespeare", overrides={k: v for k, v in saved.items() if k != "task"})
     task = build_task(cfg)
@@ -123,3 +126,57 @@ def test_shakespeare_needs_a_batch_size(shared_data, tmp_path, capsys):
     text = shared_data / "tinyshakespeare" / "input.txt"
     code = main(["run", "shakespeare", "--data", str(text), "--batch-size", "100", "--out", str(tmp_path / "r"), *SHAKE_SMALL[2:]])
     assert code == 2 and "batch_size" in capsys.readouterr().err
+
+
+def test_evaluation_batch_sharpness_is_recorded_beside_the_minibatch(shared_data, tmp_path, capsys):
+    """With --eval-batch-size the sharpness and SAM-edge are also measured on a fixed, seeded batch
+    of training windows; at step 0 both match an independent eigsh over that batch's Hessian."""
+    out = tmp_path / "run"
+    text = shared_data / "tinyshakespeare" / "input.txt"
+    args = ["run", "shakespeare", "--data", str(text), "--steps", "2", "--measure-every", "2", "--dtype", "float64",
+            "--eig-tol", "1e-8", "--no-plots"]
+    assert main([*args, "--out", str(out), *SHAKE_SMALL]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [0, 2]
+    saved = json.loads((out / "config.json").read_text())["config"]
+    cfg = build_config("shakespeare", overrides={k: v for k, v in saved.items() if k != "task"})
+    task = build_task(cfg)
+    model = task.model
+    idx = fixed_sample(cfg.n_train, 16, cfg.seed)
+    assert len(set(idx.tolist())) == 16
+    x, y = task.train.chunks[0][0][idx], task.train.chunks[0][1][idx]
+    names = [n for n, _ in model.named_parameters()]
+    w0 = [p.detach().clone() for p in model.parameters()]
+
+    def loss_at(ws):
+        out_ = torch.func.functional_call(model, dict(zip(names, ws)), (x,))
+        return F.cross_entropy(out_.reshape(-1, out_.shape[-1]), y.reshape(-1))
+
+    leaves = [w.clone().requires_grad_(True) for w in w0]
+    grads = torch.autograd.grad(loss_at(leaves), leaves, create_graph=True)
+    g_norm = float(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads)))
+    n = sum(w.numel() for w in w0)
+
+    def mv(v):
+        vs = unflatten(torch.as_tensor(v, dtype=torch.float64).ravel(), w0)
+        dot = sum((g * t).sum() for g, t in zip(grads, vs))
+        return flatten(torch.autograd.grad(dot, leaves, retain_graph=True)).numpy()
+
+    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=mv, dtype=np.float64)
+    top = scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=1e-10, v0=np.ones(n))[0][0]
+    row = rows[0]
+    assert float(row["eval_grad_norm"]) == pytest.approx(g_norm, rel=1e-10)
+    assert float(row["eval_edge"]) == pytest.approx(sam_edge(cfg.eta, cfg.rho, g_norm), rel=1e-10)
+    assert float(row["eval_sharpness"]) == pytest.approx(top, rel=1e-6)
+    assert float(row["eval_sharpness_over_edge"]) == pytest.approx(top / float(row["eval_edge"]), rel=1e-6)
+    assert float(row["eval_sharpness"]) != pytest.approx(float(row["sharpness"]), rel=1e-3)  # another batch
+    summary = json.loads((out / "summary.json").read_text())
+    assert "eval_ratio_median" in summary
+    assert summary["total_hvps"] == sum(int(r["hvps"]) + int(r["eval_hvps"]) for r in rows)
+
+
+def test_evaluation_batch_needs_minibatch_training(tmp_path, capsys):
+    code = main(["run", "mnist", "--eval-batch-size", "10", "--out", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "eval_batch_size" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()

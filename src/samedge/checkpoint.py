@@ -38,6 +38,7 @@ class TrainState:
     perturbed_solver: dict | None
     elapsed: float
     finished: bool = False
+    eval_solver: dict | None = None  # the evaluation batch's solver (runs with eval_batch_size)
 
 
 def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainState) -> Path:
@@ -51,6 +52,7 @@ def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainSta
         "velocity": None if state.velocity is None else [v.detach().cpu() for v in state.velocity],
         "solver": _to_cpu(state.solver),
         "perturbed_solver": _to_cpu(state.perturbed_solver),
+        "eval_solver": _to_cpu(state.eval_solver),
         "elapsed": state.elapsed,
         "torch_rng": torch.get_rng_state(),
     }
@@ -99,19 +101,19 @@ def load_checkpoint(
     def place(tensors):
         return None if tensors is None else tuple(t.to(device=device, dtype=dtype) for t in tensors)
 
-    solver = payload["solver"]
-    if solver.get("previous") is not None:
-        solver = {**solver, "previous": solver["previous"].to(device=device, dtype=dtype)}
-    perturbed = payload["perturbed_solver"]
-    if perturbed is not None and perturbed.get("previous") is not None:
-        perturbed = {**perturbed, "previous": perturbed["previous"].to(device=device, dtype=dtype)}
+    def place_solver(state: dict | None) -> dict | None:
+        if state is None or state.get("previous") is None:
+            return state
+        return {**state, "previous": state["previous"].to(device=device, dtype=dtype)}
+
     torch.set_rng_state(payload["torch_rng"])
     return TrainState(
         step=int(payload["step"]),
         params=place(params),
         velocity=place(payload["velocity"]),
-        solver=solver,
-        perturbed_solver=perturbed,
+        solver=place_solver(payload["solver"]),
+        perturbed_solver=place_solver(payload["perturbed_solver"]),
         elapsed=float(payload["elapsed"]),
         finished=bool(payload["finished"]),
+        eval_solver=place_solver(payload.get("eval_solver")),
     )

@@ -26,6 +26,8 @@ _HELP = {
     "momentum": "heavy-ball momentum beta in [0, 1)",
     "steps": "number of optimizer steps",
     "batch_size": "minibatch size (default: full batch)",
+    "eval_batch_size": "minibatch runs: also measure sharpness and edge on a fixed, seeded batch of this many "
+    "training examples (0: off)",
     "measure_every": "measure every N steps (and at the last step)",
     "eig_k": "number of top Hessian eigenvalues to record",
     "eig_method": "lanczos (default), eigsh, power, or paper (finite-difference power iteration)",
@@ -138,13 +140,17 @@ def _report(s: dict, out: Path) -> None:
         f"final train loss {_fmt(s.get('final_train_loss'))}, accuracy {_fmt(s.get('final_train_accuracy'))}; "
         f"test error {_fmt(s.get('test_error'))}"
     )
-    if s.get("edge_reached_step") is None:
-        print("sharpness never reached 90% of the edge")
-    else:
-        print(
-            f"sharpness reached 90% of the edge at step {s['edge_reached_step']}; afterwards sharpness/edge "
-            f"median {_fmt(s['ratio_median'], '.3f')} (IQR {_fmt(s['ratio_q25'], '.3f')}-{_fmt(s['ratio_q75'], '.3f')})"
-        )
+    for prefix, what in (("", "sharpness"), ("eval_", "evaluation-batch sharpness")):
+        if f"{prefix}edge_reached_step" not in s:
+            continue
+        if s[f"{prefix}edge_reached_step"] is None:
+            print(f"{what} never reached 90% of the edge")
+        else:
+            print(
+                f"{what} reached 90% of the edge at step {s[f'{prefix}edge_reached_step']}; afterwards sharpness/edge "
+                f"median {_fmt(s[f'{prefix}ratio_median'], '.3f')} "
+                f"(IQR {_fmt(s[f'{prefix}ratio_q25'], '.3f')}-{_fmt(s[f'{prefix}ratio_q75'], '.3f')})"
+            )
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:

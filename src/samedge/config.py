@@ -40,6 +40,7 @@ class RunConfig:
     momentum: float = 0.0
     steps: int = 1000
     batch_size: int | None = None  # None: full batch
+    eval_batch_size: int | None = None  # minibatch runs: also measure on a fixed batch of this size (0: off)
     # measurements
     measure_every: int = 10
     eig_k: int = 1
@@ -101,6 +102,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "momentum": (0.0, 1.0, True),
     "steps": (0, math.inf, True),
     "batch_size": (1, math.inf, True),
+    "eval_batch_size": (0, math.inf, True),
     "measure_every": (1, math.inf, True),
     "checkpoint_every": (0, math.inf, True),
     "eig_k": (1, 64, True),
@@ -161,6 +163,11 @@ def _validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"config field '{name}' must be {_describe(lo, hi, inclusive)}, got {value!r}")
     if cfg.eig_method in ("power", "paper") and cfg.eig_k != 1:
         raise ConfigError(f"config field 'eig_k' must be 1 with eig_method {cfg.eig_method!r}, got {cfg.eig_k}")
+    if cfg.eval_batch_size and cfg.batch_size is None:
+        raise ConfigError(
+            "config field 'eval_batch_size' needs 'batch_size' (minibatch training); "
+            "a full-batch run already measures on the whole training set"
+        )
     if cfg.optimizer == "gd" and cfg.rho != 0.0:
         raise ConfigError("config field 'rho' must be 0 with optimizer 'gd' (use sam or usam for rho > 0)")
 

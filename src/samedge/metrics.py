@@ -17,12 +17,21 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["base_columns", "MetricsWriter", "read_metrics", "summarize", "write_json", "EDGE_REACHED_FRACTION"]
+__all__ = [
+    "base_columns", "MetricsWriter", "read_metrics", "summarize", "edge_reached_index", "write_json",
+    "EDGE_REACHED_FRACTION",
+]
 
 EDGE_REACHED_FRACTION = 0.9
 
 
-def base_columns(eig_k: int = 1, measure_perturbed: bool = False, test_each_measurement: bool = False) -> list[str]:
+EVAL_COLUMNS = ["eval_sharpness", "eval_grad_norm", "eval_edge", "eval_sharpness_over_edge", "eval_eig_residual",
+                "eval_eig_converged", "eval_hvps"]
+
+
+def base_columns(
+    eig_k: int = 1, measure_perturbed: bool = False, test_each_measurement: bool = False, eval_batch: bool = False
+) -> list[str]:
     cols = ["step", "train_loss", "train_accuracy", "grad_norm", "sharpness"]
     cols += [f"lambda_{i}" for i in range(2, eig_k + 1)]
     cols += ["gd_edge", "sam_edge", "sharpness_over_edge", "grad_alignment", "sam_grad_alignment"]
@@ -30,6 +39,8 @@ def base_columns(eig_k: int = 1, measure_perturbed: bool = False, test_each_meas
         cols.append("sharpness_perturbed")
     if test_each_measurement:
         cols += ["test_loss", "test_accuracy"]
+    if eval_batch:
+        cols += EVAL_COLUMNS
     cols += ["eig_residual", "eig_converged", "hvps", "elapsed_s"]
     return cols
 
@@ -102,23 +113,55 @@ def read_metrics(path: str | Path) -> list[dict[str, float | None]]:
     return rows
 
 
+def edge_reached_index(ratios: Sequence[float | None], fraction: float = EDGE_REACHED_FRACTION) -> int | None:
+    """Index of the first measurement from which sharpness/edge is counted as tracking the edge.
+
+    That is the first ratio ``>= fraction``.  A run that *starts* above ``1 / fraction`` (the
+    Transformer's sharpness at initialization is tens of times its SAM-edge and collapses within
+    a few steps) has not reached the edge from below: there the search starts at the first ratio
+    back at or under ``1 / fraction``, so the initial transient is not counted as tracking.
+    """
+    ok = [i for i, q in enumerate(ratios) if q is not None and math.isfinite(q)]
+    if not ok:
+        return None
+    start = 0
+    if ratios[ok[0]] > 1.0 / fraction:
+        start = next((i for i in ok if ratios[i] <= 1.0 / fraction), None)
+        if start is None:
+            return None
+    return next((i for i in ok if i >= start and ratios[i] >= fraction), None)
+
+
+def _ratio_stats(rows, column: str, fraction: float, prefix: str = "") -> dict[str, Any]:
+    ratios = [r.get(column) for r in rows]
+    reached = edge_reached_index(ratios, fraction)
+    out: dict[str, Any] = {f"{prefix}edge_reached_step": None if reached is None else int(rows[reached]["step"])}
+    if reached is None:
+        out.update({f"{prefix}ratio_{k}": None for k in ("median", "q25", "q75", "iqr")})
+        out[f"{prefix}ratio_rows"] = 0
+        return out
+    tail = np.array([q for q in ratios[reached:] if q is not None and math.isfinite(q)])
+    q25, q50, q75 = np.percentile(tail, [25, 50, 75])
+    out.update({
+        f"{prefix}ratio_median": float(q50),
+        f"{prefix}ratio_q25": float(q25),
+        f"{prefix}ratio_q75": float(q75),
+        f"{prefix}ratio_iqr": float(q75 - q25),
+        f"{prefix}ratio_rows": int(len(tail)),
+    })
+    return out
+
+
 def summarize(rows: list[dict[str, float | None]], *, fraction: float = EDGE_REACHED_FRACTION) -> dict[str, Any]:
-    """Median and IQR of sharpness/edge from the first row where it reaches ``fraction``."""
-    summary: dict[str, Any] = {"measurements": len(rows)}
+    """Median and IQR of sharpness/edge from the measurement where the edge is reached
+    (:func:`edge_reached_index`); the same for the evaluation batch's sharpness when recorded."""
+    summary: dict[str, Any] = {"measurements": len(rows), "edge_reached_fraction": fraction}
+    summary.update(_ratio_stats(rows, "sharpness_over_edge", fraction))
     ratios = [r["sharpness_over_edge"] for r in rows]
-    reached = next((i for i, q in enumerate(ratios) if q is not None and q >= fraction), None)
-    summary["edge_reached_fraction"] = fraction
-    summary["edge_reached_step"] = None if reached is None else int(rows[reached]["step"])
-    if reached is not None:
-        tail = np.array([q for q in ratios[reached:] if q is not None and math.isfinite(q)])
-        q25, q50, q75 = np.percentile(tail, [25, 50, 75])
-        summary["ratio_median"] = float(q50)
-        summary["ratio_q25"] = float(q25)
-        summary["ratio_q75"] = float(q75)
-        summary["ratio_iqr"] = float(q75 - q25)
-        summary["ratio_rows"] = int(len(tail))
-    else:
-        summary.update(ratio_median=None, ratio_q25=None, ratio_q75=None, ratio_iqr=None, ratio_rows=0)
+    first = next((q for q in ratios if q is not None and math.isfinite(q)), None)
+    summary["started_above_edge"] = first is not None and first > 1.0 / fraction
+    if rows and "eval_sharpness_over_edge" in rows[0]:
+        summary.update(_ratio_stats(rows, "eval_sharpness_over_edge", fraction, prefix="eval_"))
     if rows:
         last = rows[-1]
         summary["final_step"] = int(last["step"])
@@ -126,8 +169,10 @@ def summarize(rows: list[dict[str, float | None]], *, fraction: float = EDGE_REA
         summary["final_train_accuracy"] = last["train_accuracy"]
         summary["final_sharpness"] = last["sharpness"]
         summary["final_edge"] = last["sam_edge"]
-        summary["total_hvps"] = int(sum(r["hvps"] or 0 for r in rows))
-        summary["all_eigensolves_converged"] = all(r["eig_converged"] == 1 for r in rows)
+        summary["total_hvps"] = int(sum((r["hvps"] or 0) + (r.get("eval_hvps") or 0) for r in rows))
+        summary["all_eigensolves_converged"] = all(
+            r["eig_converged"] == 1 and r.get("eval_eig_converged", 1) == 1 for r in rows
+        )
     return summary
 
 

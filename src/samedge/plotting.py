@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .metrics import read_metrics  # noqa: E402
+from .metrics import edge_reached_index, read_metrics  # noqa: E402
 
 __all__ = ["plot_run", "FIGURES"]
 
@@ -34,6 +34,24 @@ def _save(fig, run_dir: Path, name: str) -> list[Path]:
         fig.savefig(p, dpi=150)
     plt.close(fig)
     return paths
+
+
+def _clip_initial_transient(ax, rows, series: list[list]) -> None:
+    """Keep an initial spike from squashing the figure.  When a run starts far above its edge (the
+    Transformer's sharpness at initialization is ~40x its SAM-edge), the y-axis ends a little above
+    everything from the settling point on (:func:`~samedge.metrics.edge_reached_index`) and a note
+    gives the off-scale maximum."""
+    start = edge_reached_index([r.get("sharpness_over_edge") for r in rows])
+    if not start:  # None (never settled) or 0 (no transient)
+        return
+    values = [v for col in series for v in col if v is not None and v == v]
+    later = [v for col in series for v in col[start:] if v is not None and v == v]
+    if not later or max(values) <= 1.5 * max(later):
+        return
+    top = 1.15 * max(later)
+    ax.set_ylim(top=top)
+    ax.annotate(f"off scale before step {rows[start]['step']:g} (max {max(values):.4g})", xy=(0.02, 0.97),
+                xycoords="axes fraction", va="top", fontsize=8, color="gray")
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -67,18 +85,34 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.set_xlabel("step")
     ax.set_ylabel("Hessian eigenvalue")
     ax.set_ylim(bottom=0)
+    _clip_initial_transient(ax, rows, [_column(rows, c) for c in ("sharpness", "sam_edge", "gd_edge")])
     ax.set_title(title)
     ax.legend()
     written += _save(fig, run_dir, "sharpness")
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    ax1.plot(steps, _column(rows, "sharpness"), color="tab:blue", label=r"$\lambda_1$")
-    ax1.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_EDGE_LABEL.get(opt, "edge"))
+    has_eval = "eval_sharpness" in rows[0]
+    minibatch = " (minibatch)" if cfg.get("batch_size") else ""
+    ax1.plot(steps, _column(rows, "sharpness"), color="tab:blue", label=r"$\lambda_1$" + minibatch)
+    ax1.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_EDGE_LABEL.get(opt, "edge") + minibatch)
+    series = [_column(rows, "sharpness"), _column(rows, "sam_edge")]
+    if has_eval:
+        ax1.plot(steps, _column(rows, "eval_sharpness"), color="tab:blue", ls="--", lw=0.9,
+                 label=r"$\lambda_1$ (evaluation batch)")
+        ax1.plot(steps, _column(rows, "eval_edge"), color="tab:green", ls="--", lw=0.9,
+                 label=_EDGE_LABEL.get(opt, "edge") + " (evaluation batch)")
+        series += [_column(rows, "eval_sharpness"), _column(rows, "eval_edge")]
     ax1.set_ylabel("Hessian eigenvalue")
     ax1.set_ylim(bottom=0)
+    _clip_initial_transient(ax1, rows, series)
     ax1.set_title(title)
     ax1.legend()
-    ax2.plot(steps, _column(rows, "sharpness_over_edge"), color="black")
+    ax2.plot(steps, _column(rows, "sharpness_over_edge"), color="black", label="minibatch" if has_eval else None)
+    if has_eval:
+        ax2.plot(steps, _column(rows, "eval_sharpness_over_edge"), color="black", ls="--", lw=0.9,
+                 label="evaluation batch")
+        ax2.legend(fontsize=8)
+    _clip_initial_transient(ax2, rows, [_column(rows, "sharpness_over_edge")])
     ax2.axhline(1.0, color="gray", ls=":")
     ax2.axhspan(0.9, 1.1, color="gray", alpha=0.15)
     ax2.set_ylabel(r"$\lambda_1$ / edge")

@@ -153,6 +153,11 @@ def run(
         if cfg.measure_perturbed
         else None
     )
+    eval_solver = (
+        HessianEigensolver(k=1, method=cfg.eig_method, tol=cfg.eig_tol, max_iter=cfg.eig_max_iter, seed=cfg.seed + 2)
+        if task.eval_batch is not None
+        else None
+    )
     if resume:
         state = load_checkpoint(run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device)
         truncate_metrics(run_dir / "metrics.csv", state.step)
@@ -169,11 +174,16 @@ def run(
             },
         )
         state = TrainState(0, task.train.parameters(), None, solver.state_dict(),
-                           perturbed_solver.state_dict() if perturbed_solver else None, 0.0)
+                           perturbed_solver.state_dict() if perturbed_solver else None, 0.0,
+                           eval_solver=eval_solver.state_dict() if eval_solver else None)
     solver.load_state_dict(state.solver)
     if perturbed_solver is not None:
         perturbed_solver.load_state_dict(state.perturbed_solver)
-    columns = base_columns(cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement)
+    if eval_solver is not None:
+        if state.eval_solver is None:
+            raise CheckpointError(f"{run_dir}: the checkpoint has no evaluation-batch solver state")
+        eval_solver.load_state_dict(state.eval_solver)
+    columns = base_columns(cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement, task.eval_batch is not None)
     normalized = cfg.optimizer == "sam"
     rho = 0.0 if cfg.optimizer == "gd" else cfg.rho
     params, velocity = state.params, state.velocity
@@ -186,7 +196,8 @@ def run(
     def boundary(step: int, finished: bool = False) -> TrainState:
         return TrainState(step, params, velocity, solver.state_dict(),
                           perturbed_solver.state_dict() if perturbed_solver else None,
-                          time.perf_counter() - start, finished)
+                          time.perf_counter() - start, finished,
+                          eval_solver.state_dict() if eval_solver else None)
 
     bar = _progress_bar(cfg.steps, progress and not state.finished, initial=min(state.step, cfg.steps))
     at_start = last_good = boundary(state.step, state.finished)
@@ -213,9 +224,12 @@ def run(
                         perturbed_params=perturbed, perturbed_solver=perturbed_solver,
                     )
                     row = _row(step, ev, m, cfg.eig_k, start)
+                    if eval_solver is not None:
+                        row.update(_eval_columns(task.eval_batch, params, eval_solver, cfg, rho))
                     if task.test_every_measurement:
                         test = task.test.evaluate(params)
                         row.update(test_loss=test.loss, test_accuracy=test.accuracy)
+                    row["elapsed_s"] = round(time.perf_counter() - start, 3)
                     writer.write(row)
                     bar.set_postfix(loss=f"{ev.loss:.4g}", sharp=f"{m.sharpness:.4g}", edge=f"{m.edge:.4g}")
                     if not _finite(m.sharpness):
@@ -246,6 +260,22 @@ def run(
     summary["elapsed_s"] = elapsed
     write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir, summary)
+
+
+def _eval_columns(batch, params, solver: HessianEigensolver, cfg: RunConfig, rho: float) -> dict[str, Any]:
+    """Sharpness and edge on the fixed evaluation batch (its own gradient norm, warm-started solver)."""
+    ev = batch.loss_and_grad(params)
+    m = measure(batch, params, ev.grad, ev.grad, solver, optimizer=cfg.optimizer, eta=cfg.eta, rho=rho,
+                momentum=cfg.momentum)
+    return {
+        "eval_sharpness": m.sharpness,
+        "eval_grad_norm": m.grad_norm,
+        "eval_edge": m.edge,
+        "eval_sharpness_over_edge": m.sharpness_over_edge,
+        "eval_eig_residual": m.relative_residual,
+        "eval_eig_converged": m.converged,
+        "eval_hvps": m.hvps,
+    }
 
 
 def _row(step: int, ev, m, eig_k: int, start: float) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from ..config import ConfigError, RunConfig
 from ..data import DataError
 from ..objective import Objective
 
-__all__ = ["Task", "build_task", "resolve_device", "TASK_BUILDERS"]
+__all__ = ["Task", "build_task", "resolve_device", "minibatch_objectives", "TASK_BUILDERS"]
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Task:
     source: str  # where the data came from
     minibatch: Callable[[int], Objective] | None = None  # step -> that step's minibatch objective
     test_every_measurement: bool = False
+    eval_batch: Objective | None = None  # a fixed training batch, also measured (minibatch runs)
 
     def objective_at(self, step: int) -> Objective:
         return self.train if self.minibatch is None else self.minibatch(step)
@@ -36,6 +37,35 @@ class Task:
     @property
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def minibatch_objectives(
+    cfg: RunConfig, model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor
+) -> tuple[Callable[[int], Objective] | None, Objective | None]:
+    """For ``cfg.batch_size``: step -> that step's minibatch objective (a pure function of the
+    seed and step), and the fixed evaluation batch of ``cfg.eval_batch_size`` training examples
+    (None when that is unset or 0).
+    ``(None, None)`` for full-batch training."""
+    from ..data.sampling import MinibatchSampler, fixed_sample
+
+    if cfg.batch_size is None:
+        return None, None
+    n = x.shape[0]
+    for name in ("batch_size", "eval_batch_size"):
+        value = getattr(cfg, name)
+        if value and value > n:
+            raise ConfigError(f"config field '{name}' ({value}) exceeds the {n} training examples")
+    sampler = MinibatchSampler(n, cfg.batch_size, seed=cfg.seed)
+
+    def minibatch(step: int) -> Objective:
+        idx = sampler.batch_indices(step).to(x.device)
+        return Objective.from_tensors(model, loss, x[idx], y[idx], cfg.chunk_size, hvp_mode=cfg.hvp_mode)
+
+    eval_batch = None
+    if cfg.eval_batch_size:
+        idx = fixed_sample(n, cfg.eval_batch_size, cfg.seed).to(x.device)
+        eval_batch = Objective.from_tensors(model, loss, x[idx], y[idx], cfg.chunk_size, hvp_mode=cfg.hvp_mode)
+    return minibatch, eval_batch
 
 
 def resolve_device(name: str) -> torch.device:

@@ -9,7 +9,7 @@ from ..data.mnist import load_mnist
 from ..losses import get_loss
 from ..models import MLP
 from ..objective import Objective
-from . import Task, resolve_device
+from . import Task, minibatch_objectives, resolve_device
 
 
 def build_mnist(cfg: RunConfig) -> Task:
@@ -20,8 +20,8 @@ def build_mnist(cfg: RunConfig) -> Task:
     model = MLP(tuple(split.x_train.shape[1:]), 10, width=cfg.width, depth=cfg.depth, activation=cfg.activation)
     model = model.to(device=device, dtype=dtype)
     loss = get_loss(cfg.loss)
-    train = Objective.from_tensors(
-        model, loss, split.x_train.to(device), split.y_train.to(device), cfg.chunk_size, hvp_mode=cfg.hvp_mode
-    )
+    train_x, train_y = split.x_train.to(device), split.y_train.to(device)
+    train = Objective.from_tensors(model, loss, train_x, train_y, cfg.chunk_size, hvp_mode=cfg.hvp_mode)
     test = Objective.from_tensors(model, loss, split.x_test.to(device), split.y_test.to(device), cfg.chunk_size)
-    return Task("mnist", model, train, test, split.source)
+    minibatch, eval_batch = minibatch_objectives(cfg, model, loss, train_x, train_y)
+    return Task("mnist", model, train, test, split.source, minibatch=minibatch, eval_batch=eval_batch)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError, RunConfig
-from ..data.shakespeare import MinibatchSampler, load_shakespeare
+from ..data.shakespeare import load_shakespeare
 from ..losses import get_loss
 from ..models.transformer import Transformer
 from ..objective import Objective
-from . import Task, default_data_path, resolve_device
+from . import Task, default_data_path, minibatch_objectives, resolve_device
 
 
 def build_shakespeare(cfg: RunConfig) -> Task:
@@ -27,8 +27,6 @@ def build_shakespeare(cfg: RunConfig) -> Task:
     for name, wanted, have in (("n_train", n_train, split.n_train), ("n_test", n_test, split.n_test)):
         if wanted > have:
             raise ConfigError(f"config field '{name}' is {wanted}, but {path} gives only {have} windows of {cfg.seq_len + 1}")
-    if cfg.batch_size > n_train:
-        raise ConfigError(f"config field 'batch_size' ({cfg.batch_size}) exceeds n_train ({n_train})")
     x_train, y_train = split.x_train[:n_train].to(device), split.y_train[:n_train].to(device)
     x_test, y_test = split.x_test[:n_test].to(device), split.y_test[:n_test].to(device)
     torch.manual_seed(cfg.seed)
@@ -36,13 +34,11 @@ def build_shakespeare(cfg: RunConfig) -> Task:
         vocab.size, cfg.seq_len, layers=cfg.layers, heads=cfg.heads, d_model=cfg.d_model, key_size=cfg.key_size
     ).to(device=device, dtype=getattr(torch, cfg.dtype))
     loss = get_loss(cfg.loss)
-    sampler = MinibatchSampler(n_train, cfg.batch_size, seed=cfg.seed)
-
-    def minibatch(step: int) -> Objective:
-        idx = sampler.batch_indices(step).to(device)
-        return Objective.from_tensors(model, loss, x_train[idx], y_train[idx], cfg.chunk_size, hvp_mode=cfg.hvp_mode)
-
+    minibatch, eval_batch = minibatch_objectives(cfg, model, loss, x_train, y_train)
     train = Objective.from_tensors(model, loss, x_train, y_train, cfg.chunk_size or 256, hvp_mode=cfg.hvp_mode)
     test = Objective.from_tensors(model, loss, x_test, y_test, cfg.chunk_size or 256)
     source = f"{split.source}; using {n_train} train / {n_test} test windows, minibatches of {cfg.batch_size}"
-    return Task("shakespeare", model, train, test, source, minibatch=minibatch, test_every_measurement=True)
+    return Task(
+        "shakespeare", model, train, test, source,
+        minibatch=minibatch, test_every_measurement=True, eval_batch=eval_batch,
+    )
