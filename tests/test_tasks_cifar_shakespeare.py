@@ -180,3 +180,35 @@ def test_evaluation_batch_needs_minibatch_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "eval_batch_size" in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_cifar10_paper_preset_starts_and_measures_on_cpu(shared_data, tmp_path, capsys):
+    """The paper-scale preset is the GPU configuration; on a CPU it must at least start and measure.
+    Here only the number of images is reduced (the excerpt has 1,000)."""
+    out = tmp_path / "run"
+    data = str(shared_data / "cifar10-1k")
+    common = ["run", "cifar10", "--preset", "cifar10-paper", "--data", data, "--no-plots", "--no-progress"]
+    assert main([*common, "--n-train", "100", "--n-test", "50", "--steps", "0", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert (cfg["eta"], cfg["rho"], cfg["device"], cfg["chunk_size"], cfg["n_train"]) == (0.002, 0.05, "auto", 500, 100)
+    (row,) = read_csv(out / "metrics.csv")
+    assert row["eig_converged"] == "1" and float(row["sharpness"]) > 0
+    # With the preset's own 50,000 images asked of the 1,000-image excerpt: a clear error, nothing written.
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "50000" in err
+    assert not (tmp_path / "full").exists()
+
+
+def test_shakespeare_ascii_vocabulary(shared_data):
+    """vocab = "ascii" (the paper code's 128 codes) widens the embedding and the untied output
+    layer (weights and bias) from the text's 65 characters to 128."""
+    base = {"data": str(shared_data / "tinyshakespeare" / "input.txt"), "batch_size": 8, "n_train": 64,
+            "n_test": 16, "seq_len": 16, "d_model": 16, "layers": 1, "heads": 2, "key_size": 8, "eval_batch_size": 0}
+    text = build_task(build_config("shakespeare", overrides=base))
+    ascii_ = build_task(build_config("shakespeare", overrides={**base, "vocab": "ascii"}))
+    assert ascii_.n_parameters - text.n_parameters == (128 - 65) * (16 + 16 + 1)
+    # the same text, encoded by code point: the first training window is the same characters
+    x_text, x_ascii = text.train.chunks[0][0][0], ascii_.train.chunks[0][0][0]
+    assert int(x_ascii.max()) < 128 and x_ascii.shape == x_text.shape

@@ -26,6 +26,7 @@ _HELP = {
     "momentum": "heavy-ball momentum beta in [0, 1)",
     "steps": "number of optimizer steps",
     "batch_size": "minibatch size (default: full batch)",
+    "vocab": "shakespeare: 'text' (the file's distinct characters) or 'ascii' (all 128, as the paper code)",
     "eval_batch_size": "minibatch runs: also measure sharpness and edge on a fixed, seeded batch of this many "
     "training examples (0: off)",
     "measure_every": "measure every N steps (and at the last step)",

@@ -65,6 +65,7 @@ class RunConfig:
     cnn_layers_per_block: int = 1
     cnn_channels: int = 16
     seq_len: int = 64
+    vocab: str = "text"  # shakespeare: the text's distinct characters, or all 128 of ASCII
     layers: int = 2
     heads: int = 4
     d_model: int = 64
@@ -91,6 +92,7 @@ _CHOICES: dict[str, tuple] = {
     "hvp_mode": ("double-backward", "forward-over-reverse"),
     "subset": ("first", "balanced"),
     "loss": ("mse", "xent"),
+    "vocab": ("text", "ascii"),
     "activation": ("relu", "tanh", "gelu", "elu", "softplus"),
     "dtype": ("float32", "float64"),
     "device": ("cpu", "cuda", "auto"),

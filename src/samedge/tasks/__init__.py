@@ -54,7 +54,8 @@ def minibatch_objectives(
     for name in ("batch_size", "eval_batch_size"):
         value = getattr(cfg, name)
         if value and value > n:
-            raise ConfigError(f"config field '{name}' ({value}) exceeds the {n} training examples")
+            hint = "; pass a smaller --eval-batch-size, or 0 for none" if name == "eval_batch_size" else ""
+            raise ConfigError(f"config field '{name}' ({value}) exceeds the {n} training examples{hint}")
     sampler = MinibatchSampler(n, cfg.batch_size, seed=cfg.seed)
 
     def minibatch(step: int) -> Objective:

@@ -21,7 +21,7 @@ def build_shakespeare(cfg: RunConfig) -> Task:
     path = default_data_path(cfg, "shakespeare", "input.txt")
     if path.is_dir():
         path = path / "input.txt"
-    split, vocab = load_shakespeare(path, seq_len=cfg.seq_len, seed=cfg.seed)
+    split, vocab = load_shakespeare(path, seq_len=cfg.seq_len, vocab=cfg.vocab, seed=cfg.seed)
     n_train = split.n_train if cfg.n_train is None else cfg.n_train
     n_test = split.n_test if cfg.n_test is None else cfg.n_test
     for name, wanted, have in (("n_train", n_train, split.n_train), ("n_test", n_test, split.n_test)):
