@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--train-steps", type=int, default=400, help="SAM steps for the warm-start study")
     args = parser.parse_args()
+    load_start = os.getloadavg()[0]
     lines: list[str] = []
     say = lines.append
 
@@ -171,6 +172,8 @@ def main() -> None:
     say(f"- time per reading, paper / Lanczos cold: **{paper_t / np.median(seconds['lanczos-cold']):.1f}x**")
     say(f"- time per reading, paper / Lanczos warm (as in training): **{paper_t / np.median(seconds['lanczos-warm']):.1f}x**")
     say("")
+    say(f"1-minute load average at the start {load_start:.2f}, at the end {os.getloadavg()[0]:.2f} "
+        f"({os.cpu_count()} cores; this benchmark alone keeps about {torch.get_num_threads()} busy, so a higher load means other work shared the machine and the time ratios are unreliable).")
     report = "\n".join(lines)
     print(report)
     if args.write:

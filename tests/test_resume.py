@@ -1,5 +1,6 @@
 """Checkpoints and exact resume, including after SIGKILL of a real process."""
 
+import contextlib
 import csv
 import json
 import random
@@ -22,6 +23,27 @@ def rows_without_time(path):
     for r in rows:
         r.pop("elapsed_s")
     return rows
+
+
+@contextlib.contextmanager
+def ctrl_c_at_update(monkeypatch, n):
+    """Raise KeyboardInterrupt (as Ctrl-C would) in the runner's n-th parameter update."""
+    import samedge.runner as runner
+
+    original = runner.heavy_ball_update
+    calls = {"n": 0}
+
+    def interrupting(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(*a, **kw)
+
+    monkeypatch.setattr(runner, "heavy_ball_update", interrupting)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(runner, "heavy_ball_update", original)
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +87,11 @@ def test_resume_of_finished_run_changes_nothing(tmp_path, reference):
 
 
 def test_keyboard_interrupt_checkpoints_and_resumes(tmp_path, reference, monkeypatch):
-    import samedge.runner as runner
-
     out = tmp_path / "run"
-    original = runner.heavy_ball_update
-    calls = {"n": 0}
-
-    def interrupting(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt
-        return original(*a, **kw)
-
-    monkeypatch.setattr(runner, "heavy_ball_update", interrupting)
-    assert main([*ARGS, "--out", str(out)]) == 130
+    with ctrl_c_at_update(monkeypatch, 13):
+        assert main([*ARGS, "--out", str(out)]) == 130
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["interrupted_step"] == 12
-    monkeypatch.setattr(runner, "heavy_ball_update", original)
     assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
     assert rows_without_time(out / "metrics.csv") == reference
 
@@ -112,8 +122,6 @@ def test_bad_resume_inputs(tmp_path, capsys):
 def test_minibatch_run_with_evaluation_batch_resumes_exactly(tmp_path, monkeypatch):
     """Minibatch SAM on MNIST with a fixed evaluation batch: the evaluation batch's warm-started
     solver is part of the checkpoint, so an interrupted and resumed run repeats every row."""
-    import samedge.runner as runner
-
     args = ["run", "mnist", "--steps", "12", "--measure-every", "2", "--batch-size", "50",
             "--eval-batch-size", "100", *SMALL]
     ref, out = tmp_path / "ref", tmp_path / "run"
@@ -121,17 +129,7 @@ def test_minibatch_run_with_evaluation_batch_resumes_exactly(tmp_path, monkeypat
     reference = rows_without_time(ref / "metrics.csv")
     assert all(r["eval_sharpness"] and r["eval_eig_converged"] == "1" for r in reference)
     assert len({r["train_loss"] for r in reference}) == len(reference)  # a new minibatch every step
-    original = runner.heavy_ball_update
-    calls = {"n": 0}
-
-    def interrupting(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original(*a, **kw)
-
-    monkeypatch.setattr(runner, "heavy_ball_update", interrupting)
-    assert main([*args, "--out", str(out)]) == 130
-    monkeypatch.setattr(runner, "heavy_ball_update", original)
+    with ctrl_c_at_update(monkeypatch, 6):
+        assert main([*args, "--out", str(out)]) == 130
     assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
     assert rows_without_time(out / "metrics.csv") == reference
