@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from _report import machine, publish  # benchmarks/_report.py (the script's folder is on sys.path)
 from samedge.config import build_config
 from samedge.curvature import HessianEigensolver
 from samedge.objective import Objective
@@ -49,21 +48,6 @@ def interleaved_ratio(num, den, repeats: int) -> float:
         t0 = time.perf_counter(); num(); t1 = time.perf_counter(); den(); t2 = time.perf_counter()
         ratios.append((t1 - t0) / (t2 - t1))
     return statistics.median(ratios)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads; Python {platform.python_version()}"
-    )
 
 
 def main() -> None:
@@ -174,11 +158,7 @@ def main() -> None:
     say("")
     say(f"1-minute load average at the start {load_start:.2f}, at the end {os.getloadavg()[0]:.2f} "
         f"({os.cpu_count()} cores; this benchmark alone keeps about {torch.get_num_threads()} busy, so a higher load means other work shared the machine and the time ratios are unreliable).")
-    report = "\n".join(lines)
-    print(report)
-    if args.write:
-        header = "# Benchmark results\n\nProduced by `python benchmarks/bench_core.py --write`.\n\n"
-        (Path(__file__).parent / "RESULTS.md").write_text(header + report + "\n")
+    publish(lines, title="Benchmark results", script="bench_core.py", filename="RESULTS.md" if args.write else None)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 from pathlib import Path
+
+from _report import machine, publish  # benchmarks/_report.py (the script's folder is on sys.path)
 
 MIB = 1024 * 1024
 
@@ -149,20 +150,6 @@ def equivalence(data: str, n_train: int, chunk_size: int) -> dict:
     }
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; {os.cpu_count()} logical cores; {platform.system()}; torch {torch.__version__}; Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/cifar10", help="CIFAR-10 directory or archive")
@@ -214,11 +201,7 @@ def main() -> None:
     say(f"Chunked ({eq['chunks']} chunks of {c}) against unchunked, {n} images, float32, relative error "
         f"(norm of the difference / norm): loss {eq['loss']:.1e}, gradient {eq['grad']:.1e}, HVP {eq['hvp']:.1e} "
         f"({'all' if max(eq['loss'], eq['grad'], eq['hvp']) <= 1e-5 else 'NOT all'} <= 1e-5).")
-    report = "\n".join(lines)
-    print(report)
-    if args.write:
-        header = "# Memory benchmark\n\nProduced by `python benchmarks/bench_memory.py --write`.\n\n"
-        (Path(__file__).parent / "MEMORY.md").write_text(header + report + "\n")
+    publish(lines, title="Memory benchmark", script="bench_memory.py", filename="MEMORY.md" if args.write else None)
 
 
 if __name__ == "__main__":
