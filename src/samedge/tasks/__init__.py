@@ -15,9 +15,10 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..data import DataError
+from ..losses import get_loss
 from ..objective import Objective
 
-__all__ = ["Task", "build_task", "resolve_device", "minibatch_objectives", "TASK_BUILDERS"]
+__all__ = ["Task", "build_task", "resolve_device", "minibatch_objectives", "task_from_split", "TASK_BUILDERS"]
 
 
 @dataclass
@@ -67,6 +68,17 @@ def minibatch_objectives(
         idx = fixed_sample(n, cfg.eval_batch_size, cfg.seed).to(x.device)
         eval_batch = Objective.from_tensors(model, loss, x[idx], y[idx], cfg.chunk_size, hvp_mode=cfg.hvp_mode)
     return minibatch, eval_batch
+
+
+def task_from_split(name: str, cfg: RunConfig, model: nn.Module, split, device: torch.device) -> Task:
+    """A labelled-image task (MNIST, CIFAR-10): chunked full-batch train and test objectives of
+    ``cfg.loss`` on ``split`` (a :class:`~samedge.data.Split`), and minibatches if asked."""
+    loss = get_loss(cfg.loss)
+    x, y = split.x_train.to(device), split.y_train.to(device)
+    train = Objective.from_tensors(model, loss, x, y, cfg.chunk_size, hvp_mode=cfg.hvp_mode)
+    test = Objective.from_tensors(model, loss, split.x_test.to(device), split.y_test.to(device), cfg.chunk_size)
+    minibatch, eval_batch = minibatch_objectives(cfg, model, loss, x, y)
+    return Task(name, model, train, test, split.source, minibatch=minibatch, eval_batch=eval_batch)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -6,10 +6,8 @@ import torch
 
 from ..config import RunConfig
 from ..data.cifar10 import load_cifar10
-from ..losses import get_loss
 from ..models.cnn import CNN
-from ..objective import Objective
-from . import Task, minibatch_objectives, default_data_path, resolve_device
+from . import Task, default_data_path, resolve_device, task_from_split
 
 
 def build_cifar10(cfg: RunConfig) -> Task:
@@ -22,9 +20,4 @@ def build_cifar10(cfg: RunConfig) -> Task:
         tuple(split.x_train.shape[1:]), 10,
         blocks=cfg.cnn_blocks, layers_per_block=cfg.cnn_layers_per_block, channel_multiplier=cfg.cnn_channels,
     ).to(device=device, dtype=dtype)
-    loss = get_loss(cfg.loss)
-    train_x, train_y = split.x_train.to(device), split.y_train.to(device)
-    train = Objective.from_tensors(model, loss, train_x, train_y, cfg.chunk_size, hvp_mode=cfg.hvp_mode)
-    test = Objective.from_tensors(model, loss, split.x_test.to(device), split.y_test.to(device), cfg.chunk_size)
-    minibatch, eval_batch = minibatch_objectives(cfg, model, loss, train_x, train_y)
-    return Task("cifar10", model, train, test, split.source, minibatch=minibatch, eval_batch=eval_batch)
+    return task_from_split("cifar10", cfg, model, split, device)
