@@ -14,18 +14,11 @@ from samedge.models import MLP
 from samedge.objective import HVP_MODES, Objective
 from samedge.params import flatten, unflatten
 
-# torch.func's first call inside torch itself
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: a second intra-op thread only adds synchronization (tens of ms per
-    # log_softmax when the cores are busy)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # torch.func's first call inside torch itself
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
 
 
 N, IN, WIDTH, DEPTH, CLASSES = 10, 5, 7, 3, 3

@@ -12,12 +12,7 @@ from samedge.optim import SAM, heavy_ball_update, perturbation, sam_gradient
 from samedge.params import norm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def t(*values):
@@ -226,10 +221,8 @@ def test_last_grad_norm_is_gradient_norm_at_w():
         assert float(returned) == pytest.approx(float(loss(model2(x), y)), rel=1e-14)
 
 
-def test_sam_step_by_hand_on_parameters():
-    a = torch.nn.Parameter(t(1.0))
-    b = torch.nn.Parameter(t(2.0))
-    opt = SAM([a, b], lr=0.1, rho=0.5)
+def quadratic_closure(opt, a, b):
+    """The closure of L = 1.5 a^2 + b^2 (gradient (3a, 2b))."""
 
     def closure():
         opt.zero_grad()
@@ -237,7 +230,15 @@ def test_sam_step_by_hand_on_parameters():
         value.backward()
         return value
 
-    opt.step(closure)
+    return closure
+
+
+def test_sam_step_by_hand_on_parameters():
+    a = torch.nn.Parameter(t(1.0))
+    b = torch.nn.Parameter(t(2.0))
+    opt = SAM([a, b], lr=0.1, rho=0.5)
+
+    opt.step(quadratic_closure(opt, a, b))
     assert opt.last_grad_norm == pytest.approx(5.0, rel=1e-15)
     assert float(a.detach()) == pytest.approx(0.61, rel=1e-14)
     assert float(b.detach()) == pytest.approx(1.52, rel=1e-14)
@@ -248,13 +249,7 @@ def test_grad_norm_over_all_parameter_groups():
     b = torch.nn.Parameter(t(2.0))
     opt = SAM([{"params": [a]}, {"params": [b], "lr": 0.2}], lr=0.1, rho=0.5)
 
-    def closure():
-        opt.zero_grad()
-        value = (1.5 * a**2 + b**2).sum()
-        value.backward()
-        return value
-
-    opt.step(closure)
+    opt.step(quadratic_closure(opt, a, b))
     # e = 0.5 (3, 4) / 5 over both groups: grads at w + e = (3.9, 4.8); lrs 0.1 and 0.2
     assert opt.last_grad_norm == pytest.approx(5.0, rel=1e-15)
     assert float(a.detach()) == pytest.approx(1 - 0.39, rel=1e-14)
