@@ -133,3 +133,28 @@ def test_minibatch_run_with_evaluation_batch_resumes_exactly(tmp_path, monkeypat
         assert main([*args, "--out", str(out)]) == 130
     assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
     assert rows_without_time(out / "metrics.csv") == reference
+
+
+def test_resume_of_a_run_written_before_newer_settings(tmp_path):
+    """A run directory from an earlier samedge (its config.json and checkpoint lack settings added
+    since, such as vocab and eval_batch_size) resumes with those settings at their defaults and
+    repeats the rows of a run that never stopped."""
+    import torch
+
+    args = ["run", "mnist", "--steps", "6", "--measure-every", "2", *SMALL]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert main([*args, "--out", str(ref)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        with ctrl_c_at_update(mp, 4):
+            assert main([*args, "--out", str(out)]) == 130
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("vocab", "eval_batch_size"):
+        del saved["config"][key]
+    (out / "config.json").write_text(json.dumps(saved))
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    for key in ("vocab", "eval_batch_size"):
+        del checkpoint["config"][key]
+    del checkpoint["eval_solver"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
+    assert rows_without_time(out / "metrics.csv") == rows_without_time(ref / "metrics.csv")

@@ -87,7 +87,10 @@ def load_checkpoint(
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is not a samedge checkpoint of format {_FORMAT}")
     saved = payload.get("config", {})
-    differing = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    # A setting the checkpoint does not record was added to samedge after it was written; such
+    # settings are added with defaults that keep the old behaviour, and the run's config (read
+    # through RunConfig) holds that default, so only recorded settings are compared.
+    differing = sorted(k for k in saved if saved.get(k) != config.get(k))
     if differing:
         k = differing[0]
         raise CheckpointError(
