@@ -4,16 +4,15 @@ import csv
 import json
 import math
 
-import numpy as np
 import pytest
-import scipy.sparse.linalg
 import torch
 
 from samedge.cli import main
 from samedge.config import build_config
-from samedge.params import flatten, unflatten
 from samedge.tasks import build_task
 from samedge.thresholds import sam_edge
+
+from independent import top_eigenvalue
 
 SMALL = ["--n-train", "200", "--n-test", "100", "--width", "32", "--depth", "3", "--no-progress"]
 REQUIRED_COLUMNS = [
@@ -84,14 +83,7 @@ def test_sharpness_at_initialization_matches_independent_eigsh(tmp_path, capsys)
     cfg = build_config("mnist", overrides=dict(n_train=200, n_test=100, width=32, depth=3, dtype="float64"))
     task = build_task(cfg)
     params = task.train.parameters()
-    n = sum(p.numel() for p in params)
-
-    def mv(x):
-        v = unflatten(torch.as_tensor(x, dtype=torch.float64).ravel(), params)
-        return flatten(task.train.hvp(params, v)).numpy()
-
-    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=mv, dtype=np.float64)
-    top = scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=1e-12, v0=np.ones(n))[0][0]
+    top = top_eigenvalue(lambda v: task.train.hvp(params, v), params)
     assert recorded == pytest.approx(top, rel=1e-4)
 
 
@@ -227,13 +219,6 @@ def test_sharpness_at_the_perturbed_point(tmp_path, capsys):
     g = task.train.grad(params)
     g_norm = float(torch.sqrt(sum((t * t).sum() for t in g)))
     perturbed = tuple(p + cfg.rho * t / g_norm for p, t in zip(params, g))
-    n = sum(p.numel() for p in params)
-
-    def mv(x):
-        v = unflatten(torch.as_tensor(x, dtype=torch.float64).ravel(), perturbed)
-        return flatten(task.train.hvp(perturbed, v)).numpy()
-
-    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=mv, dtype=np.float64)
-    top = scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=1e-12, v0=np.ones(n))[0][0]
+    top = top_eigenvalue(lambda v: task.train.hvp(perturbed, v), perturbed)
     assert float(row["sharpness_perturbed"]) == pytest.approx(top, rel=1e-6)
     assert float(row["sharpness_perturbed"]) != pytest.approx(float(row["sharpness"]), rel=1e-6)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "DataError", "center_images"]
+__all__ = ["Split", "DataError", "center_images", "int64_tensor"]
 
 
 class DataError(ValueError):
@@ -44,3 +44,8 @@ def center_images(train: np.ndarray, test: np.ndarray, dtype: torch.dtype = torc
     test = test.astype(np.float64) / 256.0
     mean = train.mean(axis=0, keepdims=True)
     return torch.as_tensor(train - mean, dtype=dtype), torch.as_tensor(test - mean, dtype=dtype)
+
+
+def int64_tensor(a: np.ndarray) -> Tensor:
+    """Labels or character ids as a contiguous int64 tensor (sharing memory where it can)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))

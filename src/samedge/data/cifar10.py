@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import DataError, Split, center_images
+from . import DataError, Split, center_images, int64_tensor
 from .download import download, md5sum, verify_md5
 from ..validation import positive_int
 
@@ -393,8 +393,8 @@ def load_cifar10(
     )
     return Split(
         x_train=x_train,
-        y_train=torch.from_numpy(np.ascontiguousarray(train_y, dtype=np.int64)),
+        y_train=int64_tensor(train_y),
         x_test=x_test,
-        y_test=torch.from_numpy(np.ascontiguousarray(test_y, dtype=np.int64)),
+        y_test=int64_tensor(test_y),
         source=source,
     )

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import DataError, Split, center_images
+from . import DataError, Split, center_images, int64_tensor
 from .download import download, md5sum
 from ..validation import positive_int
 
@@ -222,9 +222,9 @@ def _finish(
     xt, xs = center_images(x_train, x_test, dtype=dtype)
     return Split(
         x_train=xt,
-        y_train=torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64)),
+        y_train=int64_tensor(y_train),
         x_test=xs,
-        y_test=torch.from_numpy(np.ascontiguousarray(y_test, dtype=np.int64)),
+        y_test=int64_tensor(y_test),
         source=source,
     )
 

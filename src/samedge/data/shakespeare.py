@@ -26,13 +26,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from .sampling import MinibatchSampler
-
-from . import DataError, Split
+from . import DataError, Split, int64_tensor
 from .download import download, md5sum
+from .sampling import MinibatchSampler  # re-exported
 
 __all__ = [
     "SHAKESPEARE_URL",
@@ -270,9 +268,6 @@ def load_shakespeare(
     test = _windows(ids[n_train:], window)
     train = train[np.random.default_rng(seed).permutation(len(train))]
 
-    def as_tensor(a: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
-
     md5 = md5sum(path)
     official = "official" if md5 == SHAKESPEARE_MD5 else "not the official tiny-Shakespeare"
     source = (
@@ -281,10 +276,10 @@ def load_shakespeare(
         f"(seq_len {seq_len}): {len(train)} train (shuffled, seed {seed}), {len(test)} test (in order)"
     )
     split = Split(
-        x_train=as_tensor(train[:, :-1]),
-        y_train=as_tensor(train[:, 1:]),
-        x_test=as_tensor(test[:, :-1]),
-        y_test=as_tensor(test[:, 1:]),
+        x_train=int64_tensor(train[:, :-1]),
+        y_train=int64_tensor(train[:, 1:]),
+        x_test=int64_tensor(test[:, :-1]),
+        y_test=int64_tensor(test[:, 1:]),
         source=source,
     )
     return split, vocabulary
