@@ -18,13 +18,13 @@ import time
 
 import numpy as np
 import torch
-
 from _report import machine, publish  # benchmarks/_report.py (the script's folder is on sys.path)
-from samedge.config import build_config
-from samedge.curvature import HessianEigensolver
-from samedge.objective import Objective
-from samedge.optim import heavy_ball_update, sam_gradient
-from samedge.tasks import build_task
+
+from samedge.core.curvature import HessianEigensolver
+from samedge.core.objective import Objective
+from samedge.core.optim import heavy_ball_update, sam_gradient
+from samedge.experiment.config import build_config
+from samedge.experiment.tasks import build_task
 
 
 def timed(fn, repeats: int) -> float:
@@ -42,10 +42,15 @@ def timed(fn, repeats: int) -> float:
 def interleaved_ratio(num, den, repeats: int) -> float:
     """Median of per-round ratios num/den, the two timed back to back in each round (so slow
     phases of a shared machine hit both)."""
-    num(); den()
+    num()
+    den()
     ratios = []
     for _ in range(repeats):
-        t0 = time.perf_counter(); num(); t1 = time.perf_counter(); den(); t2 = time.perf_counter()
+        t0 = time.perf_counter()
+        num()
+        t1 = time.perf_counter()
+        den()
+        t2 = time.perf_counter()
         ratios.append((t1 - t0) / (t2 - t1))
     return statistics.median(ratios)
 
@@ -99,10 +104,20 @@ def main() -> None:
     def reference(p):
         return float(HessianEigensolver(tol=1e-9, max_iter=300, warm_start=False, seed=123)(obj, p).eigenvalues[0])
 
-    rows = {"lanczos-cold": [], "lanczos-warm": [], "eigsh-cold": [], "eigsh-warm": [], "power-cold": [], "paper-cold": []}
+    rows = {
+        "lanczos-cold": [],
+        "lanczos-warm": [],
+        "eigsh-cold": [],
+        "eigsh-warm": [],
+        "power-cold": [],
+        "paper-cold": [],
+    }
     errors = {k: [] for k in rows}
     seconds = {k: [] for k in rows}
-    warm = {"lanczos-warm": HessianEigensolver(method="lanczos", seed=1), "eigsh-warm": HessianEigensolver(method="eigsh", seed=1)}
+    warm = {
+        "lanczos-warm": HessianEigensolver(method="lanczos", seed=1),
+        "eigsh-warm": HessianEigensolver(method="eigsh", seed=1),
+    }
     p = params
     measure_every = cfg.measure_every
     for step in range(args.train_steps + 1):
@@ -118,7 +133,12 @@ def main() -> None:
                     rows[name].append(r.matvecs)
                     errors[name].append(abs(r.eigenvalues[0] - ref) / abs(ref))
             if checkpoint:
-                for name, method in (("lanczos-cold", "lanczos"), ("eigsh-cold", "eigsh"), ("power-cold", "power"), ("paper-cold", "paper")):
+                for name, method in (
+                    ("lanczos-cold", "lanczos"),
+                    ("eigsh-cold", "eigsh"),
+                    ("power-cold", "power"),
+                    ("paper-cold", "paper"),
+                ):
                     solver = HessianEigensolver(method=method, warm_start=False, seed=step)
                     t = time.perf_counter()
                     r = solver(obj, p)
@@ -154,10 +174,14 @@ def main() -> None:
     )
     say("")
     say(f"- time per reading, paper / Lanczos cold: **{paper_t / np.median(seconds['lanczos-cold']):.1f}x**")
-    say(f"- time per reading, paper / Lanczos warm (as in training): **{paper_t / np.median(seconds['lanczos-warm']):.1f}x**")
+    say(
+        f"- time per reading, paper / Lanczos warm (as in training): **{paper_t / np.median(seconds['lanczos-warm']):.1f}x**"
+    )
     say("")
-    say(f"1-minute load average at the start {load_start:.2f}, at the end {os.getloadavg()[0]:.2f} "
-        f"({os.cpu_count()} cores; this benchmark alone keeps about {torch.get_num_threads()} busy, so a higher load means other work shared the machine and the time ratios are unreliable).")
+    say(
+        f"1-minute load average at the start {load_start:.2f}, at the end {os.getloadavg()[0]:.2f} "
+        f"({os.cpu_count()} cores; this benchmark alone keeps about {torch.get_num_threads()} busy, so a higher load means other work shared the machine and the time ratios are unreliable)."
+    )
     publish(lines, title="Benchmark results", script="bench_core.py", filename="RESULTS.md" if args.write else None)
 
 

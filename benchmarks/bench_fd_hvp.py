@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from samedge.config import build_config
-from samedge.curvature import HessianEigensolver
-from samedge.params import flatten, unflatten
-from samedge.tasks import build_task
+from samedge.core.curvature import HessianEigensolver
+from samedge.core.params import flatten, unflatten
+from samedge.experiment.config import build_config
+from samedge.experiment.tasks import build_task
 
 EPS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 

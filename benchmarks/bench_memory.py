@@ -73,13 +73,15 @@ def child(data: str, n_train: int, chunk_size: int | None, threads: int | None) 
 
     import torch
 
-    from samedge.config import build_config
-    from samedge.tasks import build_task
+    from samedge.experiment.config import build_config
+    from samedge.experiment.tasks import build_task
 
     if threads:
         torch.set_num_threads(threads)
     # chunk_size=None would fall back to the preset's chunk size: n_train means one chunk
-    cfg = build_config("cifar10", overrides=dict(data=data, n_train=n_train, n_test=1, chunk_size=chunk_size or n_train))
+    cfg = build_config(
+        "cifar10", overrides=dict(data=data, n_train=n_train, n_test=1, chunk_size=chunk_size or n_train)
+    )
     task = build_task(cfg)
     obj = task.train
     params = obj.parameters()
@@ -109,8 +111,7 @@ def child(data: str, n_train: int, chunk_size: int | None, threads: int | None) 
 
 
 def measure(data: str, n_train: int, chunk_size: int | None, threads: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--data", data, "--n", str(n_train),
-           "--chunk", str(chunk_size or 0)]
+    cmd = [sys.executable, __file__, "--child", "--data", data, "--n", str(n_train), "--chunk", str(chunk_size or 0)]
     if threads:
         cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -123,15 +124,15 @@ def equivalence(data: str, n_train: int, chunk_size: int) -> dict:
     """Max relative error (norm of the difference / norm) of chunked vs unchunked loss, gradient, HVP."""
     import torch
 
-    from samedge.config import build_config
-    from samedge.objective import Objective
-    from samedge.params import flatten
-    from samedge.tasks import build_task
+    from samedge.core.objective import Objective
+    from samedge.core.params import flatten
+    from samedge.experiment.config import build_config
+    from samedge.experiment.tasks import build_task
 
     cfg = build_config("cifar10", overrides=dict(data=data, n_train=n_train, n_test=1, chunk_size=n_train))
     task = build_task(cfg)
     whole = task.train
-    (x, y), = whole.chunks
+    ((x, y),) = whole.chunks
     chunked = Objective.from_tensors(whole.model, whole.loss_fn, x, y, chunk_size)
     gen = torch.Generator().manual_seed(1)
     params = whole.parameters()
@@ -165,9 +166,9 @@ def main() -> None:
 
     n, c = args.n, args.chunk
     runs = {
-        "a": measure(args.data, n, c, args.threads),             # N images in chunks of C
-        "b": measure(args.data, c, None, args.threads),          # one chunk of C alone
-        "whole_n": measure(args.data, n, None, args.threads),    # N images, unchunked
+        "a": measure(args.data, n, c, args.threads),  # N images in chunks of C
+        "b": measure(args.data, c, None, args.threads),  # one chunk of C alone
+        "whole_n": measure(args.data, n, None, args.threads),  # N images, unchunked
     }
     runs["whole_c"] = runs["b"]  # unchunked C is configuration (b)
     eq = equivalence(args.data, n, c)
@@ -176,17 +177,23 @@ def main() -> None:
     say = lines.append
     say(f"Machine: {machine()}.")
     say("")
-    say(f"CIFAR-10 CNN of the `cifar10` preset ({n} training images at most), one gradient and one exact HVP "
+    say(
+        f"CIFAR-10 CNN of the `cifar10` preset ({n} training images at most), one gradient and one exact HVP "
         "(double-backward) over the whole training set, each configuration in a fresh subprocess. "
-        "*Increment* = peak RSS (`ru_maxrss`) minus the RSS after building the task and data.")
+        "*Increment* = peak RSS (`ru_maxrss`) minus the RSS after building the task and data."
+    )
     say("")
-    say("| configuration | images | chunk size | chunks | baseline RSS (MiB) | peak RSS (MiB) | increment after gradient (MiB) | increment after gradient + HVP (MiB) |")
+    say(
+        "| configuration | images | chunk size | chunks | baseline RSS (MiB) | peak RSS (MiB) | increment after gradient (MiB) | increment after gradient + HVP (MiB) |"
+    )
     say("|---|---:|---:|---:|---:|---:|---:|---:|")
     labels = [("a", f"(a) {n} in chunks of {c}"), ("b", f"(b) one chunk of {c} alone"), ("whole_n", f"{n} unchunked")]
     for key, label in labels:
         r = runs[key]
-        say(f"| {label} | {r['n_train']} | {r['chunk_size'] or r['n_train']} | {r['chunks']} | {r['baseline_mib']:.1f} | "
-            f"{r['peak_mib']:.1f} | {r['grad_increment_mib']:.1f} | {r['increment_mib']:.1f} |")
+        say(
+            f"| {label} | {r['n_train']} | {r['chunk_size'] or r['n_train']} | {r['chunks']} | {r['baseline_mib']:.1f} | "
+            f"{r['peak_mib']:.1f} | {r['grad_increment_mib']:.1f} | {r['increment_mib']:.1f} |"
+        )
     say("")
     ratio_chunked = runs["a"]["increment_mib"] / runs["b"]["increment_mib"]
     ratio_whole = runs["whole_n"]["increment_mib"] / runs["whole_c"]["increment_mib"]
@@ -198,9 +205,11 @@ def main() -> None:
     if not all(r["peak_reset"] for r in runs.values()):
         say("Note: the peak-RSS mark could not be reset in some subprocess; its increment is a lower bound.")
         say("")
-    say(f"Chunked ({eq['chunks']} chunks of {c}) against unchunked, {n} images, float32, relative error "
+    say(
+        f"Chunked ({eq['chunks']} chunks of {c}) against unchunked, {n} images, float32, relative error "
         f"(norm of the difference / norm): loss {eq['loss']:.1e}, gradient {eq['grad']:.1e}, HVP {eq['hvp']:.1e} "
-        f"({'all' if max(eq['loss'], eq['grad'], eq['hvp']) <= 1e-5 else 'NOT all'} <= 1e-5).")
+        f"({'all' if max(eq['loss'], eq['grad'], eq['hvp']) <= 1e-5 else 'NOT all'} <= 1e-5)."
+    )
     publish(lines, title="Memory benchmark", script="bench_memory.py", filename="MEMORY.md" if args.write else None)
 
 

@@ -19,20 +19,23 @@ from pathlib import Path
 
 import torch
 
-from samedge.config import build_config
-from samedge.curvature import HessianEigensolver
-from samedge.eigen import paper_power_iteration
-from samedge.optim import heavy_ball_update, sam_gradient
-from samedge.params import flatten, unflatten
-from samedge.tasks import build_task
+from samedge.core.curvature import HessianEigensolver
+from samedge.core.eigen import paper_power_iteration
+from samedge.core.optim import heavy_ball_update, sam_gradient
+from samedge.core.params import flatten, unflatten
+from samedge.experiment.config import build_config
+from samedge.experiment.tasks import build_task
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--points", type=int, nargs="+", default=[150, 300])
-    parser.add_argument("--activation", default="relu",
-                        help="MLP activation; with a smooth one (tanh) finite differences converge as eps^2")
+    parser.add_argument(
+        "--activation",
+        default="relu",
+        help="MLP activation; with a smooth one (tanh) finite differences converge as eps^2",
+    )
     args = parser.parse_args()
     cfg = build_config("mnist", overrides={"activation": args.activation})
     obj = build_task(cfg).train
@@ -40,7 +43,11 @@ def main() -> None:
     v = tuple(torch.randn_like(t) for t in p)
     ratios = []
     for _ in range(7):
-        t0 = time.perf_counter(); obj.hvp(p, v); t1 = time.perf_counter(); obj.grad(p); t2 = time.perf_counter()
+        t0 = time.perf_counter()
+        obj.hvp(p, v)
+        t1 = time.perf_counter()
+        obj.grad(p)
+        t2 = time.perf_counter()
         ratios.append((t1 - t0) / (t2 - t1))
     hvp_cost = statistics.median(ratios)
 
@@ -52,9 +59,13 @@ def main() -> None:
             r_warm = warm(obj, p)
         if step in args.points:
             ref = float(HessianEigensolver(tol=1e-9, max_iter=300, warm_start=False, seed=9)(obj, p).eigenvalues[0])
-            rows.append((step, "lanczos warm (tol 1e-3)", r_warm.matvecs * hvp_cost, abs(r_warm.eigenvalues[0] - ref) / ref))
+            rows.append(
+                (step, "lanczos warm (tol 1e-3)", r_warm.matvecs * hvp_cost, abs(r_warm.eigenvalues[0] - ref) / ref)
+            )
             cold = HessianEigensolver(warm_start=False, seed=step)(obj, p)
-            rows.append((step, "lanczos cold (tol 1e-3)", cold.matvecs * hvp_cost, abs(cold.eigenvalues[0] - ref) / ref))
+            rows.append(
+                (step, "lanczos cold (tol 1e-3)", cold.matvecs * hvp_cost, abs(cold.eigenvalues[0] - ref) / ref)
+            )
             params = tuple(p)
 
             def fd(x):
@@ -64,7 +75,14 @@ def main() -> None:
             for tol, cap in ((1e-3, 100), (1e-4, 1000), (1e-5, 1000)):
                 gen = torch.Generator().manual_seed(step)
                 r = paper_power_iteration(fd, dim, tol=tol, max_iter=cap, generator=gen)
-                rows.append((step, f"paper, rel. change {tol:g}, <= {cap} it.", 2.0 * r.matvecs, abs(r.eigenvalues[0] - ref) / ref))
+                rows.append(
+                    (
+                        step,
+                        f"paper, rel. change {tol:g}, <= {cap} it.",
+                        2.0 * r.matvecs,
+                        abs(r.eigenvalues[0] - ref) / ref,
+                    )
+                )
         p, _ = heavy_ball_update(p, sam_gradient(obj.grad, p, g, cfg.rho), cfg.eta)
 
     lines = [
@@ -86,8 +104,10 @@ def main() -> None:
     warm_cost = {s: cost for s, name, cost, _ in rows if name.startswith("lanczos warm")}
     for s in args.points:
         if s in good:
-            lines.append(f"- step {s}: cheapest paper setting with error <= 1e-3 costs {good[s]:.0f} gradients, "
-                         f"{good[s] / warm_cost[s]:.0f}x warm Lanczos")
+            lines.append(
+                f"- step {s}: cheapest paper setting with error <= 1e-3 costs {good[s]:.0f} gradients, "
+                f"{good[s] / warm_cost[s]:.0f}x warm Lanczos"
+            )
         else:
             lines.append(f"- step {s}: no paper setting tried reached 1e-3 error")
     lines.append("")

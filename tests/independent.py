@@ -5,7 +5,7 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
-from samedge.params import flatten, unflatten
+from samedge.core.params import flatten, unflatten
 
 
 def top_eigenvalue(hvp, like, tol: float = 1e-12) -> float:

@@ -3,21 +3,31 @@
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
-
-from samedge.cli import main
-from samedge.config import build_config
-from samedge.tasks import build_task
-from samedge.thresholds import sam_edge
-
 from independent import top_eigenvalue
+
+from samedge.core.thresholds import sam_edge
+from samedge.experiment.cli import main
+from samedge.experiment.config import build_config
+from samedge.experiment.tasks import build_task
 
 SMALL = ["--n-train", "200", "--n-test", "100", "--width", "32", "--depth", "3", "--no-progress"]
 REQUIRED_COLUMNS = [
-    "step", "train_loss", "grad_norm", "sharpness", "gd_edge", "sam_edge", "sharpness_over_edge",
-    "grad_alignment", "sam_grad_alignment", "hvps", "elapsed_s",
+    "step",
+    "train_loss",
+    "grad_norm",
+    "sharpness",
+    "gd_edge",
+    "sam_edge",
+    "sharpness_over_edge",
+    "grad_alignment",
+    "sam_grad_alignment",
+    "hvps",
+    "elapsed_s",
 ]
 
 
@@ -43,9 +53,12 @@ def test_edge_command_matches_formula(capsys):
     assert values["usam_edge"] == pytest.approx(4 / (0.1 * (1 + math.sqrt(1 + 8 * 0.05 / 0.1))), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_short_run_writes_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, _ = run_cli(["run", "mnist", "--steps", "20", "--measure-every", "5", "--out", str(out), *SMALL], capsys)
+    code, stdout, _ = run_cli(
+        ["run", "mnist", "--steps", "20", "--measure-every", "5", "--out", str(out), *SMALL], capsys
+    )
     assert code == 0, stdout
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["steps"] == 20 and config["config"]["width"] == 32
@@ -152,9 +165,14 @@ def test_unknown_task(capsys):
 
 def test_config_file_and_errors(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('optimizer = "usam"\nrho = 0.5\nsteps = 3\nmeasure_every = 3\nn_train = 200\nn_test = 100\nwidth = 16\ndepth = 2\n')
+    cfg.write_text(
+        'optimizer = "usam"\nrho = 0.5\nsteps = 3\nmeasure_every = 3\nn_train = 200\nn_test = 100\nwidth = 16\ndepth = 2\n'
+    )
     out = tmp_path / "run"
-    code, _, _ = run_cli(["run", "mnist", "--config", str(cfg), "--eta", "0.05", "--out", str(out), "--no-plots", "--no-progress"], capsys)
+    code, _, _ = run_cli(
+        ["run", "mnist", "--config", str(cfg), "--eta", "0.05", "--out", str(out), "--no-plots", "--no-progress"],
+        capsys,
+    )
     assert code == 0
     saved = json.loads((out / "config.json").read_text())["config"]
     assert saved["optimizer"] == "usam" and saved["rho"] == 0.5 and saved["eta"] == 0.05 and saved["width"] == 16
@@ -169,15 +187,32 @@ def test_config_file_and_errors(tmp_path, capsys):
     unknown.write_text("etta = 0.1\n")
     code, _, err = run_cli(["run", "mnist", "--config", str(unknown), "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "etta" in err
-    code, _, err = run_cli(["run", "mnist", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli(
+        ["run", "mnist", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")], capsys
+    )
     assert code == 2 and "does not exist" in err
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_is_recorded(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, _ = run_cli(
-        ["run", "mnist", "--optimizer", "gd", "--eta", "500", "--steps", "50", "--measure-every", "1", "--out", str(out), *SMALL],
+        [
+            "run",
+            "mnist",
+            "--optimizer",
+            "gd",
+            "--eta",
+            "500",
+            "--steps",
+            "50",
+            "--measure-every",
+            "1",
+            "--out",
+            str(out),
+            *SMALL,
+        ],
         capsys,
     )
     assert code == 3
@@ -195,9 +230,13 @@ def test_divergence_stops_and_is_recorded(tmp_path, capsys):
     assert all(math.isfinite(float(r["train_loss"])) for r in rows)
 
 
+@pytest.mark.slow
 def test_gd_preset_and_plot_command(tmp_path, capsys):
     out = tmp_path / "gd"
-    code, _, _ = run_cli(["run", "mnist", "--preset", "mnist-gd", "--steps", "4", "--measure-every", "2", "--out", str(out), *SMALL], capsys)
+    code, _, _ = run_cli(
+        ["run", "mnist", "--preset", "mnist-gd", "--steps", "4", "--measure-every", "2", "--out", str(out), *SMALL],
+        capsys,
+    )
     assert code == 0
     rows = read_csv(out / "metrics.csv")
     assert all(float(r["sam_edge"]) == pytest.approx(2 / 0.8) for r in rows)  # GD's edge is 2/eta
@@ -210,7 +249,18 @@ def test_gd_preset_and_plot_command(tmp_path, capsys):
 
 def test_sharpness_at_the_perturbed_point(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "mnist", "--steps", "0", "--measure-perturbed", "--dtype", "float64", "--eig-tol", "1e-8", "--no-plots"]
+    args = [
+        "run",
+        "mnist",
+        "--steps",
+        "0",
+        "--measure-perturbed",
+        "--dtype",
+        "float64",
+        "--eig-tol",
+        "1e-8",
+        "--no-plots",
+    ]
     assert run_cli([*args, "--out", str(out), *SMALL], capsys)[0] == 0
     row = read_csv(out / "metrics.csv")[0]
     cfg = build_config("mnist", overrides=dict(n_train=200, n_test=100, width=32, depth=3, dtype="float64"))
@@ -222,3 +272,38 @@ def test_sharpness_at_the_perturbed_point(tmp_path, capsys):
     top = top_eigenvalue(lambda v: task.train.hvp(perturbed, v), perturbed)
     assert float(row["sharpness_perturbed"]) == pytest.approx(top, rel=1e-6)
     assert float(row["sharpness_perturbed"]) != pytest.approx(float(row["sharpness"]), rel=1e-6)
+
+
+def test_bad_input_is_exit_2_and_an_internal_error_is_exit_1_with_traceback(monkeypatch, capsys):
+    """A BadInput is the user's to fix (exit 2, one line); anything else is a bug of ours: it is
+    never reported as bad input, even a ValueError."""
+    from samedge.errors import DataError
+    from samedge.experiment import cli
+
+    def bad_input(args):
+        raise DataError("file x.gz is truncated")
+
+    def internal(args):
+        raise ValueError("an internal inconsistency")  # a ValueError of ours, not of the user's
+
+    monkeypatch.setitem(cli.COMMANDS, "edge", bad_input)
+    assert cli.main(["edge", "--eta", "0.1"]) == 2
+    assert capsys.readouterr().err == "samedge: error: file x.gz is truncated\n"
+    monkeypatch.setitem(cli.COMMANDS, "edge", internal)
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        cli.main(["edge", "--eta", "0.1"])
+
+
+@pytest.mark.slow
+def test_internal_error_exits_1_with_traceback_in_a_real_process(tmp_path):
+    """Through the installed command: an injected bug ends in a traceback and exit 1."""
+    script = (
+        "import sys; from samedge.experiment import cli\n"
+        "def boom(args): raise RuntimeError('injected bug')\n"
+        "cli.COMMANDS['edge'] = boom\n"
+        "sys.exit(cli.main(['edge', '--eta', '0.1']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "RuntimeError: injected bug" in proc.stderr
+    assert "samedge: error" not in proc.stderr

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from samedge.config import ConfigError, RunConfig, build_config, preset_names
-from samedge.metrics import MetricsWriter, base_columns, edge_reached_index, read_metrics, summarize
+from samedge.experiment.config import ConfigError, RunConfig, build_config, preset_names
+from samedge.experiment.metrics import MetricsWriter, base_columns, edge_reached_index, read_metrics, summarize
 
 
 def test_defaults_and_presets():
@@ -72,8 +72,16 @@ def test_metrics_roundtrip_and_partial_last_line(tmp_path):
 def test_summary_statistics():
     ratios = [0.3, 0.5, 0.95, 1.0, 1.1, 0.9, 1.05]
     rows = [
-        {"step": float(10 * i), "sharpness_over_edge": q, "train_loss": 1.0 / (i + 1), "train_accuracy": 0.5,
-         "sharpness": q, "sam_edge": 1.0, "hvps": 5.0, "eig_converged": 1.0}
+        {
+            "step": float(10 * i),
+            "sharpness_over_edge": q,
+            "train_loss": 1.0 / (i + 1),
+            "train_accuracy": 0.5,
+            "sharpness": q,
+            "sam_edge": 1.0,
+            "hvps": 5.0,
+            "eig_converged": 1.0,
+        }
         for i, q in enumerate(ratios)
     ]
     s = summarize(rows)
@@ -89,8 +97,16 @@ def test_summary_statistics():
 
 def _ratio_rows(ratios):
     return [
-        {"step": float(10 * i), "sharpness_over_edge": q, "train_loss": 1.0, "train_accuracy": 0.5,
-         "sharpness": q, "sam_edge": 1.0, "hvps": 1.0, "eig_converged": 1.0}
+        {
+            "step": float(10 * i),
+            "sharpness_over_edge": q,
+            "train_loss": 1.0,
+            "train_accuracy": 0.5,
+            "sharpness": q,
+            "sam_edge": 1.0,
+            "hvps": 1.0,
+            "eig_converged": 1.0,
+        }
         for i, q in enumerate(ratios)
     ]
 

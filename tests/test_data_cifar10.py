@@ -173,7 +173,15 @@ def test_n_too_large(real_root):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n_train": 0}, {"n_test": -1}, {"n_train": 2.5}, {"n_train": True}, {"subset": "random"}, {"seed": -1}, {"dtype": torch.int64}],
+    [
+        {"n_train": 0},
+        {"n_test": -1},
+        {"n_train": 2.5},
+        {"n_train": True},
+        {"subset": "random"},
+        {"seed": -1},
+        {"dtype": torch.int64},
+    ],
 )
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError) as err:
@@ -201,7 +209,9 @@ def test_not_a_tarball(tmp_path):
 
 
 def test_corrupt_pickle_in_directory(real_root, tmp_path):
-    d = _dir_with(tmp_path, {"data_batch_1": os.urandom(5000), TEST_BATCH: (real_root / DIR_NAME / TEST_BATCH).read_bytes()})
+    d = _dir_with(
+        tmp_path, {"data_batch_1": os.urandom(5000), TEST_BATCH: (real_root / DIR_NAME / TEST_BATCH).read_bytes()}
+    )
     with pytest.raises(DataError) as err:
         load_cifar10(d)
     assert str(d / "data_batch_1") in str(err.value) and "\n" not in str(err.value)
@@ -225,7 +235,11 @@ def test_malicious_pickle_is_not_executed(real_root, tmp_path):
     tar = _tar_with(tmp_path / "evil.tar.gz", {"data_batch_1": evil, TEST_BATCH: evil})
     with pytest.raises(DataError, match="not allowed"):
         load_cifar10(tar)
-    for code in (b"cbuiltins\neval\n(S'1+1'\ntR.", b"cos\nsystem\n(S'true'\ntR.", b"c_codecs\nencode\n(S'x'\nS'rot13'\ntR."):
+    for code in (
+        b"cbuiltins\neval\n(S'1+1'\ntR.",
+        b"cos\nsystem\n(S'true'\ntR.",
+        b"c_codecs\nencode\n(S'x'\nS'rot13'\ntR.",
+    ):
         with pytest.raises(DataError):
             read_batch(code, "crafted")
     assert not marker.exists()

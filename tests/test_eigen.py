@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from samedge.eigen import SOLVERS, EigenResult, eigsh, lanczos, paper_power_iteration, power_iteration
+from samedge.core.eigen import SOLVERS, EigenResult, eigsh, lanczos, paper_power_iteration, power_iteration
 
 DIM = 120
 TOP = np.array([10.0, 6.0, 5.5])
@@ -17,7 +17,7 @@ def known_matrix(dim=DIM, top=TOP, low=-3.0, high=4.0, seed=0):
     return _known_matrix(dim, tuple(float(t) for t in top), low, high, seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _known_matrix(dim, top, low, high, seed):
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))

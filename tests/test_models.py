@@ -17,9 +17,16 @@ def expected_params(in_features, classes, width, depth):
     return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
 
 
-@pytest.mark.parametrize("in_shape,classes,width,depth", [
-    ((5,), 3, 7, 1), ((5,), 3, 7, 2), ((5,), 3, 7, 3), ((1, 28, 28), 10, 32, 4), ((2, 3), 4, 1, 5),
-])
+@pytest.mark.parametrize(
+    "in_shape,classes,width,depth",
+    [
+        ((5,), 3, 7, 1),
+        ((5,), 3, 7, 2),
+        ((5,), 3, 7, 3),
+        ((1, 28, 28), 10, 32, 4),
+        ((2, 3), 4, 1, 5),
+    ],
+)
 def test_parameter_count_and_shapes(in_shape, classes, width, depth):
     model = MLP(in_shape, classes, width=width, depth=depth)
     d = math.prod(in_shape)
@@ -124,11 +131,16 @@ def test_init_is_seeded():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("kw,name", [
-    (dict(depth=0), "depth"), (dict(depth=-1), "depth"),
-    (dict(width=0), "width"), (dict(width=-3), "width"),
-    (dict(activation="sigmoid"), "activation"),
-])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(depth=0), "depth"),
+        (dict(depth=-1), "depth"),
+        (dict(width=0), "width"),
+        (dict(width=-3), "width"),
+        (dict(activation="sigmoid"), "activation"),
+    ],
+)
 def test_bad_arguments(kw, name):
     with pytest.raises(ValueError, match=name):
         MLP((5,), 3, **kw)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from samedge.losses import cross_entropy, squared_error
+from samedge.core.losses import cross_entropy, squared_error
+from samedge.core.objective import HVP_MODES, Objective
 from samedge.models.cnn import CNN, ChannelLayerNorm
-from samedge.objective import HVP_MODES, Objective
 
 
 def _cnn(seed: int = 0, **kw) -> CNN:
@@ -80,13 +80,19 @@ def test_channel_layernorm_statistics():
         ln.weight.copy_(torch.arange(1.0, 7.0))
         ln.bias.copy_(torch.arange(6.0) / 10)
     y = ln(x)
-    assert torch.allclose(y, ref * torch.arange(1.0, 7.0)[:, None, None] + (torch.arange(6.0) / 10)[:, None, None], atol=1e-12)
+    assert torch.allclose(
+        y, ref * torch.arange(1.0, 7.0)[:, None, None] + (torch.arange(6.0) / 10)[:, None, None], atol=1e-12
+    )
 
 
 def test_layernorm_over_channels_in_model_at_init():
     model = _cnn().double()
     outputs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append((i[0], o))) for m in model.modules() if isinstance(m, ChannelLayerNorm)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: outputs.append((i[0], o)))
+        for m in model.modules()
+        if isinstance(m, ChannelLayerNorm)
+    ]
     model(torch.randn(3, 3, 32, 32, dtype=torch.float64))
     for h in hooks:
         h.remove()
@@ -144,6 +150,7 @@ def _flat(ts) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
 
 
+@pytest.mark.slow
 def test_hvp_modes_agree():
     """Double backward and forward-over-reverse give the same HVP through the CNN (its LayerNorm
     is written out: F.layer_norm's forward-mode derivative is wrong in torch 2.13)."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samedge.losses import cross_entropy
+from samedge.core.losses import cross_entropy
 from samedge.models.transformer import EMBED_STD, Transformer
 
 
@@ -38,7 +38,9 @@ def test_output_shape_and_dtype():
 )
 def test_parameter_count(cfg):
     full = dict(layers=2, heads=4, d_model=64, key_size=16, mlp_ratio=4) | cfg
-    V, S, L, H, d, K, r = (full[k] for k in ("vocab_size", "seq_len", "layers", "heads", "d_model", "key_size", "mlp_ratio"))
+    V, S, L, H, d, K, r = (
+        full[k] for k in ("vocab_size", "seq_len", "layers", "heads", "d_model", "key_size", "mlp_ratio")
+    )
     per_layer = (
         2 * d  # LayerNorm (scale, offset) before attention
         + 3 * (d * H * K + H * K)  # query, key, value projections with biases
@@ -133,7 +135,7 @@ def _manual_cross_entropy(outputs, labels):
 
 @pytest.mark.parametrize("loss_fn", [cross_entropy, _manual_cross_entropy])
 def test_hvp_modes_agree_through_objective(loss_fn):
-    from samedge.objective import Objective
+    from samedge.core.objective import Objective
 
     model = _small(torch.float64)
     x, y = _tokens(4, 8, 11, seed=5), _tokens(4, 8, 11, seed=6)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from samedge.curvature import METHODS, HessianEigensolver, hessian_eigenpairs
-from samedge.losses import LOSSES, count_correct, cross_entropy, get_loss, squared_error
+from samedge.core.curvature import METHODS, HessianEigensolver, hessian_eigenpairs
+from samedge.core.losses import LOSSES, count_correct, cross_entropy, get_loss, squared_error
+from samedge.core.objective import HVP_MODES, Objective
+from samedge.core.params import flatten, unflatten
 from samedge.models import MLP
-from samedge.objective import HVP_MODES, Objective
-from samedge.params import flatten, unflatten
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -40,10 +40,12 @@ def make_data(seed=1):
 
 def make_objective(loss="mse", activation="tanh", chunk_size=None, hvp_mode="double-backward"):
     x, y = make_data()
-    return Objective.from_tensors(make_model(activation), LOSS_FNS[loss], x, y, chunk_size=chunk_size, hvp_mode=hvp_mode)
+    return Objective.from_tensors(
+        make_model(activation), LOSS_FNS[loss], x, y, chunk_size=chunk_size, hvp_mode=hvp_mode
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense(loss="mse", activation="tanh"):
     """Gradient and Hessian of the full-batch loss as a function of the flat parameter vector."""
     model = make_model(activation)
@@ -189,8 +191,9 @@ def test_hvp_equals_dense_hessian(loss, activation, hvp_mode, chunk_size):
 def test_hvp_modes_agree_and_chunks_agree():
     params = make_objective("mse").parameters()
     v = random_vector(params)
-    results = [make_objective("mse", chunk_size=cs, hvp_mode=m).hvp(params, v)
-               for m in HVP_MODES for cs in (None, 3, 4, 1)]
+    results = [
+        make_objective("mse", chunk_size=cs, hvp_mode=m).hvp(params, v) for m in HVP_MODES for cs in (None, 3, 4, 1)
+    ]
     for hv in results[1:]:
         assert_close(hv, results[0], 1e-12)
 
@@ -221,8 +224,11 @@ def test_finite_difference_hvp_close_to_exact(loss):
     # default eps = 1e-3 (the paper's): error O(eps^2) relative
     assert_close(obj.finite_difference_hvp(params, v), exact, 1e-3)
     assert_close(obj.finite_difference_hvp(params, v, eps=1e-4), exact, 1e-5)
+
     # error is O(eps^2): a smaller eps is closer, but not exact
-    err = lambda eps: float(torch.linalg.vector_norm(flatten(obj.finite_difference_hvp(params, v, eps)) - flatten(exact)))
+    def err(eps):
+        return float(torch.linalg.vector_norm(flatten(obj.finite_difference_hvp(params, v, eps)) - flatten(exact)))
+
     assert err(1e-4) < err(1e-3) / 10
     assert err(1e-3) > 0
 

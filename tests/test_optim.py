@@ -5,12 +5,11 @@ import math
 import pytest
 import torch
 
-from samedge.losses import cross_entropy, squared_error
+from samedge.core.losses import cross_entropy, squared_error
+from samedge.core.objective import Objective
+from samedge.core.optim import SAM, heavy_ball_update, perturbation, sam_gradient
+from samedge.core.params import norm
 from samedge.models import MLP
-from samedge.objective import Objective
-from samedge.optim import SAM, heavy_ball_update, perturbation, sam_gradient
-from samedge.params import norm
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,7 +121,10 @@ def test_rho_zero_skips_second_gradient():
 def test_sam_gradient_nonquadratic_by_hand():
     # L(a) = a^3 / 3 (one parameter): g = a^2; at a = 2, g = 4, e = rho sign(g) = rho
     params = (t(2.0),)
-    fn = lambda p: (p[0] ** 2,)
+
+    def fn(p):
+        return (p[0] ** 2,)
+
     out = sam_gradient(fn, params, fn(params), 0.25)
     assert float(out[0]) == pytest.approx(2.25**2, rel=1e-15)
     out = sam_gradient(fn, params, fn(params), 0.25, normalized=False)  # e = 0.25 * 4 = 1
@@ -280,6 +282,7 @@ def test_rho_zero_equals_sgd_bitwise(momentum, loss):
     sam = SAM(model_a.parameters(), lr=0.3, rho=0.0, momentum=momentum)
     sgd = torch.optim.SGD(model_b.parameters(), lr=0.3, momentum=momentum, dampening=0.0)
     for _ in range(steps):
+
         def closure_a():
             sam.zero_grad()
             value = loss(model_a(x), y)
@@ -296,12 +299,19 @@ def test_rho_zero_equals_sgd_bitwise(momentum, loss):
     assert any(not torch.equal(a, s) for a, s in zip(model_a.parameters(), start.parameters()))
 
 
-@pytest.mark.parametrize("kw,name", [
-    (dict(lr=0.0), "lr"), (dict(lr=-0.1), "lr"), (dict(lr=math.nan), "lr"),
-    (dict(lr=0.1, rho=-0.01), "rho"), (dict(lr=0.1, rho=math.nan), "rho"),
-    (dict(lr=0.1, momentum=1.0), "momentum"), (dict(lr=0.1, momentum=-0.1), "momentum"),
-    (dict(lr=0.1, momentum=math.nan), "momentum"),
-])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(lr=0.0), "lr"),
+        (dict(lr=-0.1), "lr"),
+        (dict(lr=math.nan), "lr"),
+        (dict(lr=0.1, rho=-0.01), "rho"),
+        (dict(lr=0.1, rho=math.nan), "rho"),
+        (dict(lr=0.1, momentum=1.0), "momentum"),
+        (dict(lr=0.1, momentum=-0.1), "momentum"),
+        (dict(lr=0.1, momentum=math.nan), "momentum"),
+    ],
+)
 def test_bad_hyperparameters(kw, name):
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match=name):

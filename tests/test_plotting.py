@@ -6,14 +6,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
 
-from samedge.metrics import MetricsWriter, base_columns  # noqa: E402
-from samedge.plotting import FIGURES, _clip_initial_transient, plot_run  # noqa: E402
+from samedge.experiment.metrics import MetricsWriter, base_columns  # noqa: E402
+from samedge.experiment.plotting import FIGURES, _clip_initial_transient, plot_run  # noqa: E402
 
 
 def _rows(sharpness, edge=4.0):
-    return [{"step": 10.0 * i, "sharpness": s, "sam_edge": edge, "sharpness_over_edge": s / edge}
-            for i, s in enumerate(sharpness)]
+    return [
+        {"step": 10.0 * i, "sharpness": s, "sam_edge": edge, "sharpness_over_edge": s / edge}
+        for i, s in enumerate(sharpness)
+    ]
 
 
 def test_clip_keeps_everything_after_the_transient_in_view():
@@ -37,16 +40,27 @@ def test_no_clip_without_a_transient():
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_plot_run_draws_every_figure_with_evaluation_columns(tmp_path):
     cols = base_columns(test_each_measurement=True, eval_batch=True)
     with MetricsWriter(tmp_path / "metrics.csv", cols) as w:
         for i, s in enumerate([180.0, 30.0, 4.2, 3.0, 3.8]):
             row = {c: 0.5 for c in cols}
-            row.update(step=10 * i, sharpness=s, sam_edge=4.0, sharpness_over_edge=s / 4.0, eval_sharpness=s * 0.9,
-                       eval_edge=4.1, eval_sharpness_over_edge=s * 0.9 / 4.1, gd_edge=20.0, train_loss=2.0 - 0.1 * i)
+            row.update(
+                step=10 * i,
+                sharpness=s,
+                sam_edge=4.0,
+                sharpness_over_edge=s / 4.0,
+                eval_sharpness=s * 0.9,
+                eval_edge=4.1,
+                eval_sharpness_over_edge=s * 0.9 / 4.1,
+                gd_edge=20.0,
+                train_loss=2.0 - 0.1 * i,
+            )
             w.write(row)
-    (tmp_path / "config.json").write_text('{"config": {"task": "shakespeare", "optimizer": "sam", "eta": 0.1, '
-                                          '"rho": 0.3, "batch_size": 32}}')
+    (tmp_path / "config.json").write_text(
+        '{"config": {"task": "shakespeare", "optimizer": "sam", "eta": 0.1, "rho": 0.3, "batch_size": 32}}'
+    )
     written = plot_run(tmp_path)
     assert sorted(p.name for p in written) == sorted(f"{n}.{e}" for n in FIGURES for e in ("png", "pdf"))
     assert all(p.stat().st_size > 0 for p in written)

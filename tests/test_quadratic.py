@@ -1,12 +1,12 @@
-"""The edges in samedge.thresholds are where GD / SAM / USAM on a quadratic lose stability."""
+"""The edges in samedge.core.thresholds are where GD / SAM / USAM on a quadratic lose stability."""
 
 import math
 
 import numpy as np
 import pytest
 
-from samedge.quadratic import simulate_quadratic
-from samedge.thresholds import gd_edge, momentum_edge, sam_edge, usam_edge
+from samedge.core.quadratic import simulate_quadratic
+from samedge.core.thresholds import gd_edge, momentum_edge, sam_edge, usam_edge
 
 STEPS = 2000
 
@@ -130,9 +130,7 @@ def test_sam_frozen_grad_norm_edge_with_momentum(eta, rho, G, beta, factor):
     edge = sam_edge(eta, rho, G, momentum=beta)
     H = quadratic_with_top(factor * edge, edge, seed=12)
     w0 = start(5)
-    traj = simulate_quadratic(
-        H, w0, eta=eta, rho=rho, steps=STEPS, optimizer="sam", frozen_grad_norm=G, momentum=beta
-    )
+    traj = simulate_quadratic(H, w0, eta=eta, rho=rho, steps=STEPS, optimizer="sam", frozen_grad_norm=G, momentum=beta)
     if factor < 1:
         assert_bounded(traj, w0, factor=100.0)
     else:
@@ -185,7 +183,12 @@ def test_sam_true_norm_below_edge_top_component_decays():
     eta, rho, bnorm = 0.1, 0.05, 1.0
     lam = 0.9 * sam_edge(eta, rho, bnorm)
     traj = simulate_quadratic(
-        np.diag([lam, 0.0]), np.array([0.1, 0.0]), eta=eta, rho=rho, steps=STEPS, optimizer="sam",
+        np.diag([lam, 0.0]),
+        np.array([0.1, 0.0]),
+        eta=eta,
+        rho=rho,
+        steps=STEPS,
+        optimizer="sam",
         b=np.array([0.0, bnorm]),
     )
     assert abs(traj.w[-1, 0]) < 1e-12

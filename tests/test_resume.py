@@ -1,6 +1,5 @@
 """Checkpoints and exact resume, including after SIGKILL of a real process."""
 
-import contextlib
 import csv
 import json
 import random
@@ -8,10 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 
 import pytest
 
-from samedge.cli import main
+from samedge.experiment.cli import build_parser, main
+from samedge.experiment.config import RunConfig, build_config
+from samedge.experiment.runner import run
 
 SMALL = ["--n-train", "200", "--n-test", "100", "--width", "32", "--depth", "3", "--no-progress", "--no-plots"]
 ARGS = ["run", "mnist", "--steps", "40", "--measure-every", "2", "--checkpoint-every", "5", *SMALL]
@@ -25,25 +27,23 @@ def rows_without_time(path):
     return rows
 
 
-@contextlib.contextmanager
-def ctrl_c_at_update(monkeypatch, n):
-    """Raise KeyboardInterrupt (as Ctrl-C would) in the runner's n-th parameter update."""
-    import samedge.runner as runner
+def run_interrupted(args, out, step):
+    """``samedge`` with ``args`` into ``out``, interrupted by Ctrl-C before the update of ``step``."""
+    ns = build_parser().parse_args([*args, "--out", str(out)])
+    overrides = {f.name: getattr(ns, f.name) for f in fields(RunConfig) if f.name != "task"}
+    result = run(build_config(ns.task, overrides=overrides), out, progress=False, on_step=ctrl_c_at(step))
+    assert result.summary["interrupted"] is True and result.summary["interrupted_step"] == step
+    return result
 
-    original = runner.heavy_ball_update
-    calls = {"n": 0}
 
-    def interrupting(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == n:
+def ctrl_c_at(step):
+    """An ``on_step`` hook that raises KeyboardInterrupt (as Ctrl-C would) before the update of ``step``."""
+
+    def hook(t):
+        if t == step:
             raise KeyboardInterrupt
-        return original(*a, **kw)
 
-    monkeypatch.setattr(runner, "heavy_ball_update", interrupting)
-    try:
-        yield
-    finally:
-        monkeypatch.setattr(runner, "heavy_ball_update", original)
+    return hook
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +53,18 @@ def reference(tmp_path_factory):
     return rows_without_time(out / "metrics.csv")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_rows(tmp_path, reference):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "samedge.cli", *ARGS, "--out", str(out)]
+    cmd = [sys.executable, "-m", "samedge", *ARGS, "--out", str(out)]
     rng = random.Random(1234)
     killed = False
     for attempt in range(3):  # kill at a random moment after the first checkpoint exists
-        proc = subprocess.Popen(cmd if attempt == 0 else [sys.executable, "-m", "samedge.cli", "run", "--resume", str(out), "--no-progress", "--no-plots"])
+        proc = subprocess.Popen(
+            cmd
+            if attempt == 0
+            else [sys.executable, "-m", "samedge", "run", "--resume", str(out), "--no-progress", "--no-plots"]
+        )
         deadline = time.time() + 60
         while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.02)
@@ -71,7 +76,9 @@ def test_resume_after_sigkill_gives_identical_rows(tmp_path, reference):
         rows = rows_without_time(out / "metrics.csv")  # parseable after every kill
         assert all(r["step"] for r in rows)
     assert killed, "the run finished before it could be killed"
-    code = subprocess.run([sys.executable, "-m", "samedge.cli", "run", "--resume", str(out), "--no-progress", "--no-plots"]).returncode
+    code = subprocess.run(
+        [sys.executable, "-m", "samedge", "run", "--resume", str(out), "--no-progress", "--no-plots"]
+    ).returncode
     assert code == 0
     assert rows_without_time(out / "metrics.csv") == reference
     summary = json.loads((out / "summary.json").read_text())
@@ -86,10 +93,9 @@ def test_resume_of_finished_run_changes_nothing(tmp_path, reference):
     assert (out / "metrics.csv").read_text() == before
 
 
-def test_keyboard_interrupt_checkpoints_and_resumes(tmp_path, reference, monkeypatch):
+def test_keyboard_interrupt_checkpoints_and_resumes(tmp_path, reference):
     out = tmp_path / "run"
-    with ctrl_c_at_update(monkeypatch, 13):
-        assert main([*ARGS, "--out", str(out)]) == 130
+    run_interrupted(ARGS, out, 12)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["interrupted_step"] == 12
     assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
@@ -119,18 +125,28 @@ def test_bad_resume_inputs(tmp_path, capsys):
     assert "--eta cannot be combined with --resume" in capsys.readouterr().err
 
 
-def test_minibatch_run_with_evaluation_batch_resumes_exactly(tmp_path, monkeypatch):
+def test_minibatch_run_with_evaluation_batch_resumes_exactly(tmp_path):
     """Minibatch SAM on MNIST with a fixed evaluation batch: the evaluation batch's warm-started
     solver is part of the checkpoint, so an interrupted and resumed run repeats every row."""
-    args = ["run", "mnist", "--steps", "12", "--measure-every", "2", "--batch-size", "50",
-            "--eval-batch-size", "100", *SMALL]
+    args = [
+        "run",
+        "mnist",
+        "--steps",
+        "12",
+        "--measure-every",
+        "2",
+        "--batch-size",
+        "50",
+        "--eval-batch-size",
+        "100",
+        *SMALL,
+    ]
     ref, out = tmp_path / "ref", tmp_path / "run"
     assert main([*args, "--out", str(ref)]) == 0
     reference = rows_without_time(ref / "metrics.csv")
     assert all(r["eval_sharpness"] and r["eval_eig_converged"] == "1" for r in reference)
     assert len({r["train_loss"] for r in reference}) == len(reference)  # a new minibatch every step
-    with ctrl_c_at_update(monkeypatch, 6):
-        assert main([*args, "--out", str(out)]) == 130
+    run_interrupted(args, out, 5)
     assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
     assert rows_without_time(out / "metrics.csv") == reference
 
@@ -144,9 +160,7 @@ def test_resume_of_a_run_written_before_newer_settings(tmp_path):
     args = ["run", "mnist", "--steps", "6", "--measure-every", "2", *SMALL]
     ref, out = tmp_path / "ref", tmp_path / "run"
     assert main([*args, "--out", str(ref)]) == 0
-    with pytest.MonkeyPatch.context() as mp:
-        with ctrl_c_at_update(mp, 4):
-            assert main([*args, "--out", str(out)]) == 130
+    run_interrupted(args, out, 3)
     saved = json.loads((out / "config.json").read_text())
     for key in ("vocab", "eval_batch_size"):
         del saved["config"][key]

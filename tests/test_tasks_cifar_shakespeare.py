@@ -6,20 +6,36 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
-from samedge.cli import main
-from samedge.config import build_config
-from samedge.data.sampling import MinibatchSampler, fixed_sample
-from samedge.params import flatten
-from samedge.tasks import build_task
-from samedge.thresholds import sam_edge
-
 from independent import top_eigenvalue
+
+from samedge.core.params import flatten
+from samedge.core.thresholds import sam_edge
+from samedge.data.sampling import MinibatchSampler, fixed_sample
+from samedge.experiment.cli import main
+from samedge.experiment.config import build_config
+from samedge.experiment.tasks import build_task
 
 CIFAR_SMALL = ["--n-train", "64", "--n-test", "64", "--cnn-channels", "4", "--chunk-size", "16", "--no-progress"]
 SHAKE_SMALL = [
-    "--batch-size", "8", "--n-train", "64", "--n-test", "16", "--seq-len", "16", "--d-model", "16",
-    "--layers", "1", "--heads", "2", "--key-size", "8", "--eval-batch-size", "16", "--no-progress",
+    "--batch-size",
+    "8",
+    "--n-train",
+    "64",
+    "--n-test",
+    "16",
+    "--seq-len",
+    "16",
+    "--d-model",
+    "16",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--key-size",
+    "8",
+    "--eval-batch-size",
+    "16",
+    "--no-progress",
 ]
 
 
@@ -28,6 +44,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cifar10_short_run(shared_data, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "cifar10", "--data", str(shared_data / "cifar10-1k"), "--steps", "3", "--measure-every", "1"]
@@ -67,6 +84,7 @@ def test_cifar10_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_shakespeare_run_uses_the_minibatch(shared_data, tmp_path, capsys):
     out = tmp_path / "run"
     text = shared_data / "tinyshakespeare" / "input.txt"
@@ -124,17 +142,43 @@ def test_stochastic_sam_step_by_hand(shared_data, tmp_path, capsys):
 
 def test_shakespeare_needs_a_batch_size(shared_data, tmp_path, capsys):
     text = shared_data / "tinyshakespeare" / "input.txt"
-    code = main(["run", "shakespeare", "--data", str(text), "--batch-size", "100", "--out", str(tmp_path / "r"), *SHAKE_SMALL[2:]])
+    code = main(
+        [
+            "run",
+            "shakespeare",
+            "--data",
+            str(text),
+            "--batch-size",
+            "100",
+            "--out",
+            str(tmp_path / "r"),
+            *SHAKE_SMALL[2:],
+        ]
+    )
     assert code == 2 and "batch_size" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluation_batch_sharpness_is_recorded_beside_the_minibatch(shared_data, tmp_path, capsys):
     """With --eval-batch-size the sharpness and SAM-edge are also measured on a fixed, seeded batch
     of training windows; at step 0 both match an independent eigsh over that batch's Hessian."""
     out = tmp_path / "run"
     text = shared_data / "tinyshakespeare" / "input.txt"
-    args = ["run", "shakespeare", "--data", str(text), "--steps", "2", "--measure-every", "2", "--dtype", "float64",
-            "--eig-tol", "1e-8", "--no-plots"]
+    args = [
+        "run",
+        "shakespeare",
+        "--data",
+        str(text),
+        "--steps",
+        "2",
+        "--measure-every",
+        "2",
+        "--dtype",
+        "float64",
+        "--eig-tol",
+        "1e-8",
+        "--no-plots",
+    ]
     assert main([*args, "--out", str(out), *SHAKE_SMALL]) == 0
     rows = read_csv(out / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [0, 2]
@@ -179,6 +223,7 @@ def test_evaluation_batch_needs_minibatch_training(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_cifar10_paper_preset_starts_and_measures_on_cpu(shared_data, tmp_path, capsys):
     """The paper-scale preset is the GPU configuration; on a CPU it must at least start and measure.
     Here only the number of images is reduced (the excerpt has 1,000)."""
@@ -201,8 +246,18 @@ def test_cifar10_paper_preset_starts_and_measures_on_cpu(shared_data, tmp_path, 
 def test_shakespeare_ascii_vocabulary(shared_data):
     """vocab = "ascii" (the paper code's 128 codes) widens the embedding and the untied output
     layer (weights and bias) from the text's 65 characters to 128."""
-    base = {"data": str(shared_data / "tinyshakespeare" / "input.txt"), "batch_size": 8, "n_train": 64,
-            "n_test": 16, "seq_len": 16, "d_model": 16, "layers": 1, "heads": 2, "key_size": 8, "eval_batch_size": 0}
+    base = {
+        "data": str(shared_data / "tinyshakespeare" / "input.txt"),
+        "batch_size": 8,
+        "n_train": 64,
+        "n_test": 16,
+        "seq_len": 16,
+        "d_model": 16,
+        "layers": 1,
+        "heads": 2,
+        "key_size": 8,
+        "eval_batch_size": 0,
+    }
     text = build_task(build_config("shakespeare", overrides=base))
     ascii_ = build_task(build_config("shakespeare", overrides={**base, "vocab": "ascii"}))
     assert ascii_.n_parameters - text.n_parameters == (128 - 65) * (16 + 16 + 1)

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from samedge.thresholds import edge_for, gd_edge, momentum_edge, sam_edge, usam_edge
+from samedge import edge_for
+from samedge.core.thresholds import gd_edge, momentum_edge, sam_edge, usam_edge
 
 ETAS = [1e-3, 0.01, 0.05, 0.2, 1.0, 3.0]
 RHOS = [1e-3, 0.01, 0.05, 0.1, 0.5, 2.0]
@@ -32,7 +33,9 @@ def usam_edge_naive(eta, rho, beta=0.0):
 @pytest.mark.parametrize("eta", ETAS)
 def test_gd_edge_is_two_over_eta(eta):
     assert gd_edge(eta) == 2.0 / eta
-    assert edge_for("gd", eta, 0.3, 1.0) == 2.0 / eta
+    assert edge_for("gd", eta, 0.0, 1.0) == 2.0 / eta
+    with pytest.raises(ValueError, match="rho must be 0 with optimizer 'gd'"):
+        edge_for("gd", eta, 0.3, 1.0)  # refused, never ignored
     assert momentum_edge(eta, 0.0) == 2.0 / eta
 
 
@@ -40,7 +43,7 @@ def test_gd_edge_is_two_over_eta(eta):
 @pytest.mark.parametrize("beta", MOMENTA)
 def test_momentum_edge_closed_form(eta, beta):
     assert rel(momentum_edge(eta, beta), (2 + 2 * beta) / eta) <= 1e-15
-    assert rel(edge_for("gd", eta, 0.1, 1.0, momentum=beta), (2 + 2 * beta) / eta) <= 1e-15
+    assert rel(edge_for("gd", eta, 0.0, 1.0, momentum=beta), (2 + 2 * beta) / eta) <= 1e-15
 
 
 # --- SAM -----------------------------------------------------------------------------------
@@ -157,8 +160,13 @@ def test_usam_edge_is_sam_edge_at_unit_grad_norm():
 
 @pytest.mark.parametrize("eta", [0.0, -0.1, math.nan, math.inf])
 def test_bad_eta(eta):
-    for fn in (lambda: gd_edge(eta), lambda: momentum_edge(eta, 0.5), lambda: sam_edge(eta, 0.1, 1.0),
-               lambda: usam_edge(eta, 0.1), lambda: edge_for("sam", eta, 0.1, 1.0)):
+    for fn in (
+        lambda: gd_edge(eta),
+        lambda: momentum_edge(eta, 0.5),
+        lambda: sam_edge(eta, 0.1, 1.0),
+        lambda: usam_edge(eta, 0.1),
+        lambda: edge_for("sam", eta, 0.1, 1.0),
+    ):
         with pytest.raises(ValueError, match="eta"):
             fn()
 
@@ -183,8 +191,12 @@ def test_bad_grad_norm(g):
 
 @pytest.mark.parametrize("beta", [1.0, 1.5, -0.1, math.nan])
 def test_bad_momentum(beta):
-    for fn in (lambda: momentum_edge(0.1, beta), lambda: sam_edge(0.1, 0.05, 1.0, momentum=beta),
-               lambda: usam_edge(0.1, 0.05, momentum=beta), lambda: edge_for("gd", 0.1, 0.0, 1.0, beta)):
+    for fn in (
+        lambda: momentum_edge(0.1, beta),
+        lambda: sam_edge(0.1, 0.05, 1.0, momentum=beta),
+        lambda: usam_edge(0.1, 0.05, momentum=beta),
+        lambda: edge_for("gd", 0.1, 0.0, 1.0, beta),
+    ):
         with pytest.raises(ValueError, match="momentum"):
             fn()
 

@@ -13,11 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from samedge.errors import DataError
+
 __all__ = ["Split", "DataError", "center_images", "int64_tensor"]
-
-
-class DataError(ValueError):
-    """Missing, malformed or mismatched data files (the message names the file and the problem)."""
 
 
 @dataclass(frozen=True)

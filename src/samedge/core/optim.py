@@ -11,16 +11,14 @@ with optional heavy-ball momentum ``v <- beta v + d; w <- w - eta v``.  ``rho = 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .params import Params, add_scaled, norm
+from samedge.core.params import Params, add_scaled, norm
 
-__all__ = ["OPTIMIZERS", "perturbation_scale", "perturbation", "sam_point", "sam_gradient", "heavy_ball_update", "SAM"]
-
-OPTIMIZERS = ("gd", "sam", "usam")
+__all__ = ["perturbation_scale", "perturbation", "sam_point", "sam_gradient", "heavy_ball_update", "SAM"]
 
 
 def perturbation_scale(grad: Sequence[Tensor], rho: float, normalized: bool = True) -> float:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import RunConfig
-from ..data.mnist import load_mnist
-from ..models import MLP
-from . import Task, resolve_device, task_from_split
+from samedge.data.mnist import load_mnist
+from samedge.experiment.config import RunConfig
+from samedge.experiment.tasks import Task, resolve_device, task_from_split
+from samedge.models import MLP
 
 
 def build_mnist(cfg: RunConfig) -> Task:

@@ -12,14 +12,14 @@ warm-started from the previous call.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from .curvature import HessianEigensolver
-from .measurements import Measurement, measure
-from .objective import Objective
-from .optim import sam_gradient
+from samedge.core.curvature import HessianEigensolver
+from samedge.core.measurements import Measurement, measure
+from samedge.core.method import Method
+from samedge.core.objective import Objective
 
 __all__ = ["SharpnessTracker"]
 
@@ -46,11 +46,8 @@ class SharpnessTracker:
 
     def measure(self, *, eta: float, rho: float = 0.0, optimizer: str = "sam", momentum: float = 0.0) -> Measurement:
         """Sharpness, gradient norm, edges and alignments at the model's current parameters."""
+        method = Method(optimizer, eta, rho, momentum)  # validated before any work
         params = self.objective.parameters()
         grad = self.objective.grad(params)
-        rho_used = 0.0 if optimizer == "gd" else rho
-        sam_grad = sam_gradient(self.objective.grad, params, grad, rho_used, normalized=optimizer != "usam")
-        return measure(
-            self.objective, params, grad, sam_grad, self.solver,
-            optimizer=optimizer, eta=eta, rho=rho_used, momentum=momentum,
-        )
+        sam_grad = method.direction(self.objective.grad, params, grad)
+        return measure(self.objective, params, grad, sam_grad, self.solver, method=method)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ConfigError, RunConfig
-from ..data.shakespeare import load_shakespeare
-from ..losses import get_loss
-from ..models.transformer import Transformer
-from ..objective import Objective
-from . import Task, default_data_path, minibatch_objectives, resolve_device
+from samedge.core.losses import get_loss
+from samedge.core.objective import Objective
+from samedge.data.shakespeare import load_shakespeare
+from samedge.experiment.config import ConfigError, RunConfig
+from samedge.experiment.tasks import Task, default_data_path, minibatch_objectives, resolve_device
+from samedge.models.transformer import Transformer
 
 
 def build_shakespeare(cfg: RunConfig) -> Task:
@@ -26,7 +26,9 @@ def build_shakespeare(cfg: RunConfig) -> Task:
     n_test = split.n_test if cfg.n_test is None else cfg.n_test
     for name, wanted, have in (("n_train", n_train, split.n_train), ("n_test", n_test, split.n_test)):
         if wanted > have:
-            raise ConfigError(f"config field '{name}' is {wanted}, but {path} gives only {have} windows of {cfg.seq_len + 1}")
+            raise ConfigError(
+                f"config field '{name}' is {wanted}, but {path} gives only {have} windows of {cfg.seq_len + 1}"
+            )
     x_train, y_train = split.x_train[:n_train].to(device), split.y_train[:n_train].to(device)
     x_test, y_test = split.x_test[:n_test].to(device), split.y_test[:n_test].to(device)
     torch.manual_seed(cfg.seed)
@@ -39,6 +41,12 @@ def build_shakespeare(cfg: RunConfig) -> Task:
     test = Objective.from_tensors(model, loss, x_test, y_test, cfg.chunk_size or 256)
     source = f"{split.source}; using {n_train} train / {n_test} test windows, minibatches of {cfg.batch_size}"
     return Task(
-        "shakespeare", model, train, test, source,
-        minibatch=minibatch, test_every_measurement=True, eval_batch=eval_batch,
+        "shakespeare",
+        model,
+        train,
+        test,
+        source,
+        minibatch=minibatch,
+        test_every_measurement=True,
+        eval_batch=eval_batch,
     )

@@ -6,19 +6,23 @@ objective every step, or the step's minibatch) and the objective to test on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, RunConfig
-from ..data import DataError
-from ..losses import get_loss
-from ..objective import Objective
+from samedge.errors import ConfigError
 
-__all__ = ["Task", "build_task", "resolve_device", "minibatch_objectives", "task_from_split", "TASK_BUILDERS"]
+if TYPE_CHECKING:  # config imports the task names from here
+    from samedge.experiment.config import RunConfig
+from samedge.core.losses import get_loss
+from samedge.core.objective import Objective
+from samedge.data import DataError
+
+__all__ = ["Task", "build_task", "resolve_device", "minibatch_objectives", "task_from_split", "TASK_BUILDERS", "TASKS"]
 
 
 @dataclass
@@ -47,7 +51,7 @@ def minibatch_objectives(
     seed and step), and the fixed evaluation batch of ``cfg.eval_batch_size`` training examples
     (None when that is unset or 0).
     ``(None, None)`` for full-batch training."""
-    from ..data.sampling import MinibatchSampler, fixed_sample
+    from samedge.data.sampling import MinibatchSampler, fixed_sample
 
     if cfg.batch_size is None:
         return None, None
@@ -99,19 +103,19 @@ def default_data_path(cfg: RunConfig, task: str, what: str) -> Path:
 
 
 def _build_mnist(cfg: RunConfig) -> Task:
-    from .mnist import build_mnist
+    from samedge.experiment.tasks.mnist import build_mnist
 
     return build_mnist(cfg)
 
 
 def _build_cifar10(cfg: RunConfig) -> Task:
-    from .cifar10 import build_cifar10
+    from samedge.experiment.tasks.cifar10 import build_cifar10
 
     return build_cifar10(cfg)
 
 
 def _build_shakespeare(cfg: RunConfig) -> Task:
-    from .shakespeare import build_shakespeare
+    from samedge.experiment.tasks.shakespeare import build_shakespeare
 
     return build_shakespeare(cfg)
 
@@ -121,6 +125,9 @@ TASK_BUILDERS: dict[str, Callable[[RunConfig], Task]] = {
     "cifar10": _build_cifar10,
     "shakespeare": _build_shakespeare,
 }
+
+
+TASKS: tuple[str, ...] = tuple(TASK_BUILDERS)
 
 
 def build_task(cfg: RunConfig) -> Task:

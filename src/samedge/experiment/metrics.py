@@ -12,21 +12,37 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
+from samedge.errors import RunDirError
+
 __all__ = [
-    "base_columns", "MetricsWriter", "read_metrics", "summarize", "edge_reached_index", "write_json",
+    "base_columns",
+    "MetricsWriter",
+    "truncate_metrics",
+    "read_metrics",
+    "summarize",
+    "edge_reached_index",
+    "write_json",
     "EDGE_REACHED_FRACTION",
 ]
 
 EDGE_REACHED_FRACTION = 0.9
 
 
-EVAL_COLUMNS = ["eval_sharpness", "eval_grad_norm", "eval_edge", "eval_sharpness_over_edge", "eval_eig_residual",
-                "eval_eig_converged", "eval_hvps"]
+EVAL_COLUMNS = [
+    "eval_sharpness",
+    "eval_grad_norm",
+    "eval_edge",
+    "eval_sharpness_over_edge",
+    "eval_eig_residual",
+    "eval_eig_converged",
+    "eval_hvps",
+]
 
 
 def base_columns(
@@ -82,7 +98,7 @@ class MetricsWriter:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -101,14 +117,14 @@ def read_metrics(path: str | Path) -> list[dict[str, float | None]]:
     text = Path(path).read_text(encoding="utf-8")
     lines = text.split("\n")
     if not lines or not lines[0]:
-        raise ValueError(f"{path}: empty metrics file")
+        raise RunDirError(f"{path}: empty metrics file")
     complete = lines[:-1]  # the piece after the last newline is partial (or empty)
     reader = csv.reader(complete)
     header = next(reader)
-    rows = []
+    rows: list[dict[str, float | None]] = []
     for fields in reader:
         if len(fields) != len(header):
-            raise ValueError(f"{path}: row {len(rows) + 2} has {len(fields)} fields, header has {len(header)}")
+            raise RunDirError(f"{path}: row {len(rows) + 2} has {len(fields)} fields, header has {len(header)}")
         rows.append({name: _parse(v) for name, v in zip(header, fields)})
     return rows
 
@@ -121,15 +137,17 @@ def edge_reached_index(ratios: Sequence[float | None], fraction: float = EDGE_RE
     a few steps) has not reached the edge from below: there the search starts at the first ratio
     back at or under ``1 / fraction``, so the initial transient is not counted as tracking.
     """
-    ok = [i for i, q in enumerate(ratios) if q is not None and math.isfinite(q)]
-    if not ok:
+    finite = {i: q for i, q in enumerate(ratios) if q is not None and math.isfinite(q)}
+    if not finite:
         return None
+    first = next(iter(finite))
     start = 0
-    if ratios[ok[0]] > 1.0 / fraction:
-        start = next((i for i in ok if ratios[i] <= 1.0 / fraction), None)
-        if start is None:
+    if finite[first] > 1.0 / fraction:
+        back = next((i for i, q in finite.items() if q <= 1.0 / fraction), None)
+        if back is None:
             return None
-    return next((i for i in ok if i >= start and ratios[i] >= fraction), None)
+        start = back
+    return next((i for i, q in finite.items() if i >= start and q >= fraction), None)
 
 
 def _ratio_stats(rows, column: str, fraction: float, prefix: str = "") -> dict[str, Any]:
@@ -142,13 +160,15 @@ def _ratio_stats(rows, column: str, fraction: float, prefix: str = "") -> dict[s
         return out
     tail = np.array([q for q in ratios[reached:] if q is not None and math.isfinite(q)])
     q25, q50, q75 = np.percentile(tail, [25, 50, 75])
-    out.update({
-        f"{prefix}ratio_median": float(q50),
-        f"{prefix}ratio_q25": float(q25),
-        f"{prefix}ratio_q75": float(q75),
-        f"{prefix}ratio_iqr": float(q75 - q25),
-        f"{prefix}ratio_rows": int(len(tail)),
-    })
+    out.update(
+        {
+            f"{prefix}ratio_median": float(q50),
+            f"{prefix}ratio_q25": float(q25),
+            f"{prefix}ratio_q75": float(q75),
+            f"{prefix}ratio_iqr": float(q75 - q25),
+            f"{prefix}ratio_rows": int(len(tail)),
+        }
+    )
     return out
 
 
@@ -164,7 +184,7 @@ def summarize(rows: list[dict[str, float | None]], *, fraction: float = EDGE_REA
         summary.update(_ratio_stats(rows, "eval_sharpness_over_edge", fraction, prefix="eval_"))
     if rows:
         last = rows[-1]
-        summary["final_step"] = int(last["step"])
+        summary["final_step"] = int(last["step"] or 0)
         summary["final_train_loss"] = last["train_loss"]
         summary["final_train_accuracy"] = last["train_accuracy"]
         summary["final_sharpness"] = last["sharpness"]
@@ -174,6 +194,21 @@ def summarize(rows: list[dict[str, float | None]], *, fraction: float = EDGE_REA
             r["eig_converged"] == 1 and r.get("eval_eig_converged", 1) == 1 for r in rows
         )
     return summary
+
+
+def truncate_metrics(path: Path, before_step: int) -> None:
+    """Keep the header and the complete rows with ``step < before_step`` (atomically)."""
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")[:-1]  # the piece after the last newline is partial
+    kept = lines[:1] + [ln for ln in lines[1:] if ln and float(ln.split(",", 1)[0]) < before_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(ln + "\n" for ln in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from samedge.core.method import Method
+
 __all__ = ["QuadraticTrajectory", "simulate_quadratic"]
 
 
@@ -51,8 +53,7 @@ def simulate_quadratic(
 
     ``frozen_grad_norm`` replaces ``||g||`` in SAM's normalization by a constant.
     """
-    if optimizer not in ("gd", "sam", "usam"):
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of gd, sam, usam")
+    method = Method(optimizer, eta, rho, momentum)
     H = np.asarray(H, dtype=np.float64)
     w = np.array(w0, dtype=np.float64)
     b = np.zeros_like(w) if b is None else np.asarray(b, dtype=np.float64)
@@ -61,15 +62,9 @@ def simulate_quadratic(
     diverged = False
     for _ in range(steps):
         g = H @ w + b
-        if optimizer == "gd" or rho == 0.0:
-            direction = g
-        else:
-            if optimizer == "usam":
-                e = rho * g
-            else:
-                scale = np.linalg.norm(g) if frozen_grad_norm is None else frozen_grad_norm
-                e = rho * g / scale if scale > 0 else np.zeros_like(g)
-            direction = H @ (w + e) + b
+        grad_norm = np.linalg.norm(g) if frozen_grad_norm is None else frozen_grad_norm
+        e = method.perturbation_scale(float(grad_norm)) * g
+        direction = H @ (w + e) + b
         velocity = momentum * velocity + direction
         w = w - eta * velocity
         if not np.all(np.isfinite(w)) or np.linalg.norm(w) > 1e150:

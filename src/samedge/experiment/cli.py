@@ -1,7 +1,9 @@
 """Command line: ``samedge run | plot | edge | download``.
 
-Exit codes: 0 success, 2 bad input (arguments, config, data, run directory), 3 the run
-diverged, 130 interrupted.  Errors are one line on stderr: ``samedge: error: ...``.
+Exit codes: 0 success; 2 bad input (any :class:`~samedge.errors.BadInput`: arguments, config,
+data, checkpoint, run directory), as one line on stderr ``samedge: error: ...``; 3 the run
+diverged; 130 interrupted.  Any other exception is a bug of samedge's: it propagates with its
+traceback (exit 1), never reported as bad input.
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .config import TASKS, ConfigError, RunConfig, build_config, preset_names
+from samedge.errors import BadInput, ConfigError
+from samedge.experiment.config import TASKS, RunConfig, build_config, preset_names
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "COMMANDS"]
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -100,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .plotting import plot_run
-    from .runner import default_run_dir, load_run_config, run
+    from samedge.experiment.plotting import plot_run
+    from samedge.experiment.rundir import default_run_dir, load_run_config
+    from samedge.experiment.runner import run
 
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "task"}
     if args.resume:
@@ -155,7 +160,7 @@ def _report(s: dict, out: Path) -> None:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .plotting import plot_run
+    from samedge.experiment.plotting import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)
@@ -163,15 +168,19 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_edge(args: argparse.Namespace) -> int:
-    from .thresholds import momentum_edge, sam_edge, usam_edge
+    from samedge.core.method import METHOD_KINDS, Method
 
-    out = {"gd_edge": momentum_edge(args.eta, args.momentum), "usam_edge": usam_edge(args.eta, args.rho, args.momentum)}
-    if args.grad_norm is not None:
-        out["sam_edge"] = sam_edge(args.eta, args.rho, args.grad_norm, args.momentum)
-    elif args.rho > 0:
-        raise ConfigError("--grad-norm is needed for the SAM-edge when --rho > 0")
-    else:
-        out["sam_edge"] = out["gd_edge"]
+    out = {}
+    try:
+        for kind in METHOD_KINDS:
+            method = Method(kind, args.eta, args.rho if Method.takes_rho(kind) else 0.0, args.momentum)
+            if method.normalized and args.grad_norm is None and args.rho > 0:
+                raise ConfigError(f"--grad-norm is needed for the {method.edge_name} when --rho > 0")
+            out[f"{kind}_edge"] = method.edge(0.0 if args.grad_norm is None else args.grad_norm)
+    except ConfigError:
+        raise
+    except ValueError as err:  # the method refuses the values typed: bad input
+        raise ConfigError(str(err)) from None
     if args.json:
         print(json.dumps(out))
     else:
@@ -183,19 +192,28 @@ def _cmd_edge(args: argparse.Namespace) -> int:
 def _cmd_download(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     if args.dataset == "mnist":
-        from .data.mnist import download_mnist
+        from samedge.data.mnist import download_mnist
 
         path = download_mnist(directory)
     elif args.dataset == "cifar10":
-        from .data.cifar10 import download_cifar10
+        from samedge.data.cifar10 import download_cifar10
 
         path = download_cifar10(directory)
     else:
-        from .data.shakespeare import download_shakespeare
+        from samedge.data.shakespeare import download_shakespeare
 
         path = download_shakespeare(directory)
     print(path)
     return EXIT_OK
+
+
+#: subcommand -> handler(args) -> exit code
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "plot": _cmd_plot,
+    "edge": _cmd_edge,
+    "download": _cmd_download,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,10 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse: --help (0) or a usage error (2, message already printed)
         return int(stop.code or 0)
-    handler = {"run": _cmd_run, "plot": _cmd_plot, "edge": _cmd_edge, "download": _cmd_download}[args.command]
+    handler = COMMANDS[args.command]
     try:
         return handler(args)
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as err:
+    except BadInput as err:
         print(f"samedge: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

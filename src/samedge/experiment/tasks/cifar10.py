@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import RunConfig
-from ..data.cifar10 import load_cifar10
-from ..models.cnn import CNN
-from . import Task, default_data_path, resolve_device, task_from_split
+from samedge.data.cifar10 import load_cifar10
+from samedge.experiment.config import RunConfig
+from samedge.experiment.tasks import Task, default_data_path, resolve_device, task_from_split
+from samedge.models.cnn import CNN
 
 
 def build_cifar10(cfg: RunConfig) -> Task:
@@ -17,7 +17,10 @@ def build_cifar10(cfg: RunConfig) -> Task:
     split = load_cifar10(path, n_train=cfg.n_train, n_test=cfg.n_test, subset=cfg.subset, seed=cfg.seed, dtype=dtype)
     torch.manual_seed(cfg.seed)
     model = CNN(
-        tuple(split.x_train.shape[1:]), 10,
-        blocks=cfg.cnn_blocks, layers_per_block=cfg.cnn_layers_per_block, channel_multiplier=cfg.cnn_channels,
+        tuple(split.x_train.shape[1:]),
+        10,
+        blocks=cfg.cnn_blocks,
+        layers_per_block=cfg.cnn_layers_per_block,
+        channel_multiplier=cfg.cnn_channels,
     ).to(device=device, dtype=dtype)
     return task_from_split("cifar10", cfg, model, split, device)

@@ -9,18 +9,20 @@ rule), never warm-started, for comparison only.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .eigen import SOLVERS, EigenResult, paper_power_iteration
-from .objective import Objective
-from .params import flatten, unflatten
+from samedge.core.eigen import SOLVERS, EigenResult, paper_power_iteration
+from samedge.core.objective import Objective
+from samedge.core.params import flatten, unflatten
 
-__all__ = ["HessianEigensolver", "METHODS", "hessian_eigenpairs"]
+__all__ = ["HessianEigensolver", "METHODS", "ONE_EIGENPAIR_METHODS", "hessian_eigenpairs"]
 
 METHODS = (*SOLVERS, "paper")
+#: methods that find one eigenpair only (``k`` must be 1)
+ONE_EIGENPAIR_METHODS = ("power", "paper-power", "paper")
 
 
 class HessianEigensolver:
@@ -41,7 +43,7 @@ class HessianEigensolver:
             raise ValueError(f"unknown eigen-solver {method!r}; choose one of {', '.join(METHODS)}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if method in ("power", "paper") and k != 1:
+        if method in ONE_EIGENPAIR_METHODS and k != 1:
             raise ValueError(f"eigen-solver {method!r} finds one eigenvalue; use k = 1 or lanczos")
         self.k, self.method, self.tol, self.max_iter = k, method, tol, max_iter
         self.warm_start = warm_start and method != "paper"
@@ -52,12 +54,16 @@ class HessianEigensolver:
     def __call__(self, objective: Objective, params: Sequence[Tensor]) -> EigenResult:
         params = tuple(params)
         if self.method == "paper":
+
             def matvec(v: Tensor) -> Tensor:
                 return flatten(objective.finite_difference_hvp(params, unflatten(v, params), self.fd_eps))
+
             solver = paper_power_iteration
         else:
+
             def matvec(v: Tensor) -> Tensor:
                 return flatten(objective.hvp(params, unflatten(v, params)))
+
             solver = SOLVERS[self.method]
         first = params[0]
         result = solver(

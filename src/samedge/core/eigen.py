@@ -22,8 +22,8 @@ Vectors are torch tensors of shape ``(dim,)``; ``matvec`` maps such a vector to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import scipy.linalg

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["gd_edge", "momentum_edge", "sam_edge", "usam_edge", "edge_for"]
+__all__ = ["gd_edge", "momentum_edge", "sam_edge", "usam_edge"]
 
 
 def _check(name: str, value: float, *, positive: bool = False) -> float:
@@ -84,14 +84,3 @@ def usam_edge(eta: float, rho: float, momentum: float = 0.0) -> float:
     c = momentum_edge(eta, momentum)
     rho = _check("rho", rho)
     return 2.0 * c / (1.0 + math.sqrt(1.0 + 4.0 * rho * c))
-
-
-def edge_for(optimizer: str, eta: float, rho: float, grad_norm: float, momentum: float = 0.0) -> float:
-    """The edge that applies to ``optimizer`` ("gd", "sam" or "usam")."""
-    if optimizer == "gd":
-        return momentum_edge(eta, momentum)
-    if optimizer == "sam":
-        return sam_edge(eta, rho, grad_norm, momentum)
-    if optimizer == "usam":
-        return usam_edge(eta, rho, momentum)
-    raise ValueError(f"unknown optimizer {optimizer!r}; choose one of gd, sam, usam")

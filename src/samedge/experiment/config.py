@@ -16,18 +16,26 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from samedge.core.curvature import METHODS as EIG_METHODS
+from samedge.core.curvature import ONE_EIGENPAIR_METHODS
+from samedge.core.losses import LOSSES
+from samedge.core.method import METHOD_KINDS, Method
+from samedge.core.objective import HVP_MODES
+from samedge.data.cifar10 import SUBSETS
+from samedge.data.shakespeare import VOCABS
+from samedge.errors import ConfigError
+from samedge.experiment.tasks import TASKS
+from samedge.models.mlp import ACTIVATIONS
+
+DTYPES = ("float32", "float64")
+DEVICES = ("cpu", "cuda", "auto")
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["RunConfig", "ConfigError", "load_toml", "preset_names", "load_preset", "build_config", "TASKS"]
-
-TASKS = ("mnist", "cifar10", "shakespeare")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key that is not allowed (the message names it)."""
 
 
 @dataclass(frozen=True)
@@ -78,24 +86,29 @@ class RunConfig:
     def __post_init__(self) -> None:
         _validate(self)
 
+    def method(self) -> Method:
+        """The optimizer method of this run."""
+        return Method(self.optimizer, self.eta, self.rho, self.momentum)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return from_mapping({**self.to_dict(), **changes})
 
 
+# The allowed values come from the registries that give them meaning.
 _CHOICES: dict[str, tuple] = {
-    "task": TASKS,
-    "optimizer": ("gd", "sam", "usam"),
-    "eig_method": ("lanczos", "eigsh", "power", "paper"),
-    "hvp_mode": ("double-backward", "forward-over-reverse"),
-    "subset": ("first", "balanced"),
-    "loss": ("mse", "xent"),
-    "vocab": ("text", "ascii"),
-    "activation": ("relu", "tanh", "gelu", "elu", "softplus"),
-    "dtype": ("float32", "float64"),
-    "device": ("cpu", "cuda", "auto"),
+    "task": tuple(TASKS),
+    "optimizer": METHOD_KINDS,
+    "eig_method": tuple(EIG_METHODS),
+    "hvp_mode": tuple(HVP_MODES),
+    "subset": tuple(SUBSETS),
+    "loss": tuple(LOSSES),
+    "vocab": tuple(VOCABS),
+    "activation": tuple(ACTIVATIONS),
+    "dtype": DTYPES,
+    "device": DEVICES,
 }
 # (minimum, maximum, minimum inclusive) for numeric fields
 _RANGES: dict[str, tuple[float, float, bool]] = {
@@ -163,15 +176,18 @@ def _validate(cfg: RunConfig) -> None:
             ok = (value >= lo if inclusive else value > lo) and (value < hi if hi == 1.0 else value <= hi)
             if not ok:
                 raise ConfigError(f"config field '{name}' must be {_describe(lo, hi, inclusive)}, got {value!r}")
-    if cfg.eig_method in ("power", "paper") and cfg.eig_k != 1:
+    if cfg.eig_method in ONE_EIGENPAIR_METHODS and cfg.eig_k != 1:
         raise ConfigError(f"config field 'eig_k' must be 1 with eig_method {cfg.eig_method!r}, got {cfg.eig_k}")
     if cfg.eval_batch_size and cfg.batch_size is None:
         raise ConfigError(
             "config field 'eval_batch_size' needs 'batch_size' (minibatch training); "
             "a full-batch run already measures on the whole training set"
         )
-    if cfg.optimizer == "gd" and cfg.rho != 0.0:
-        raise ConfigError("config field 'rho' must be 0 with optimizer 'gd' (use sam or usam for rho > 0)")
+    try:
+        cfg.method()
+    except ValueError as err:  # what the method itself refuses (rho > 0 with gd); it names the field first
+        name, _, rest = str(err).partition(" ")
+        raise ConfigError(f"config field '{name}' {rest}") from None
 
 
 def from_mapping(values: dict[str, Any], where: str = "config") -> RunConfig:
@@ -208,14 +224,14 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    folder = resources.files("samedge") / "presets"
+    folder = resources.files("samedge.experiment") / "presets"
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
 def load_preset(name: str) -> dict[str, Any]:
     if name not in preset_names():
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
-    text = (resources.files("samedge") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+    text = (resources.files("samedge.experiment") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)
 
 
@@ -244,7 +260,7 @@ def build_config(
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(given)
     rho_explicit = "rho" in given or (config_file is not None and "rho" in from_file)
-    if values.get("optimizer") == "gd" and not rho_explicit:
+    if values.get("optimizer") in METHOD_KINDS and not Method.takes_rho(values["optimizer"]) and not rho_explicit:
         values["rho"] = 0.0  # GD ignores a preset's rho; an explicit rho with gd is an error
     values["task"] = task
     return from_mapping(values)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Literal, overload
 
 __all__ = ["positive_int"]
 
 
+@overload
+def positive_int(name: str, value: Any, *, optional: Literal[False] = False) -> int: ...
+@overload
+def positive_int(name: str, value: Any, *, optional: bool) -> int | None: ...
 def positive_int(name: str, value: Any, *, optional: bool = False) -> int | None:
     """``value`` as an int >= 1 (``None`` passes when ``optional``); bools and floats are refused."""
     if value is None and optional:

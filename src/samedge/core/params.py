@@ -6,7 +6,7 @@ The functional core passes parameters as a ``tuple[Tensor, ...]`` in the order o
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor

@@ -24,15 +24,15 @@ silently wrong products through ``F.layer_norm``; so it is not offered.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .losses import LossFn, count_correct
-from .params import Params
+from samedge.core.losses import LossFn, count_correct
+from samedge.core.params import Params
 
 __all__ = ["Objective", "Evaluation", "HVP_MODES"]
 
@@ -76,7 +76,7 @@ class Objective:
     @classmethod
     def from_tensors(
         cls, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, chunk_size: int | None = None, **kw
-    ) -> "Objective":
+    ) -> Objective:
         """Split ``(x, y)`` along the first axis into chunks of at most ``chunk_size`` examples."""
         if chunk_size is None or chunk_size >= len(x):
             return cls(model, loss_fn, [(x, y)], **kw)
@@ -100,7 +100,8 @@ class Objective:
 
     def evaluate(self, params: Sequence[Tensor]) -> Evaluation:
         """Loss and accuracy, no gradient."""
-        loss, correct = 0.0, 0
+        loss = 0.0
+        correct: int | None = 0
         with torch.no_grad():
             for (x, y), w in zip(self.chunks, self.weights):
                 chunk_loss, chunk_correct = self._chunk_loss(params, x, y)
@@ -111,7 +112,8 @@ class Objective:
     def loss_and_grad(self, params: Sequence[Tensor]) -> Evaluation:
         """Loss, accuracy and gradient ``(dL/dw)`` at ``params``."""
         grad = [torch.zeros_like(p) for p in params]
-        loss, correct = 0.0, 0
+        loss = 0.0
+        correct: int | None = 0
         for (x, y), w in zip(self.chunks, self.weights):
             leaves = [p.detach().requires_grad_(True) for p in params]
             chunk_loss, chunk_correct = self._chunk_loss(leaves, x, y)
@@ -123,7 +125,9 @@ class Objective:
         return Evaluation(loss, self._accuracy(correct), tuple(grad))
 
     def grad(self, params: Sequence[Tensor]) -> Params:
-        return self.loss_and_grad(params).grad
+        grad = self.loss_and_grad(params).grad
+        assert grad is not None  # loss_and_grad always sets it
+        return grad
 
     def hvp(self, params: Sequence[Tensor], vector: Sequence[Tensor]) -> Params:
         """Exact Hessian-vector product ``H(params) @ vector``."""
@@ -151,8 +155,7 @@ class Objective:
         def loss_of(p):
             return self.loss_fn(self.outputs(p, x), y)
 
-        _, hv = torch.func.jvp(torch.func.grad(loss_of), (tuple(params),), (tuple(vector),))
-        return hv
+        return torch.func.jvp(torch.func.grad(loss_of), (tuple(params),), (tuple(vector),))[1]
 
     _hvp_routes = {
         "double-backward": _hvp_double_backward,

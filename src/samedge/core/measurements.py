@@ -8,16 +8,16 @@ anyway), so a measurement costs only the eigen-solve's HVPs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .curvature import HessianEigensolver
-from .objective import Objective
-from .params import flatten, norm
-from .thresholds import edge_for, momentum_edge
+from samedge.core.curvature import HessianEigensolver
+from samedge.core.method import Method
+from samedge.core.objective import Objective
+from samedge.core.params import flatten, norm
 
 __all__ = ["Measurement", "measure", "alignment"]
 
@@ -64,18 +64,16 @@ def measure(
     sam_grad: Sequence[Tensor],
     solver: HessianEigensolver,
     *,
-    optimizer: str,
-    eta: float,
-    rho: float,
-    momentum: float = 0.0,
+    method: Method,
     perturbed_params: Sequence[Tensor] | None = None,
     perturbed_solver: HessianEigensolver | None = None,
 ) -> Measurement:
-    """Eigen-solve at ``params`` (and, if given, at the SAM point ``perturbed_params``)."""
+    """Eigen-solve at ``params`` (and, if given, at the SAM point ``perturbed_params``); the edges
+    are ``method``'s at ``||grad||``."""
     result = solver(objective, params)
     g_norm = norm(grad)
     sharpness = float(result.eigenvalues[0])
-    edge = edge_for(optimizer, eta, rho, g_norm, momentum) if math.isfinite(g_norm) else math.nan
+    edge = method.edge(g_norm) if math.isfinite(g_norm) else math.nan
     top = result.eigenvectors[0]
     hvps = result.matvecs
     sharpness_perturbed = None
@@ -86,7 +84,7 @@ def measure(
     return Measurement(
         sharpness=sharpness,
         grad_norm=g_norm,
-        gd_edge=momentum_edge(eta, momentum),
+        gd_edge=method.gd_edge,
         edge=edge,
         sharpness_over_edge=sharpness / edge if edge > 0 else math.inf,
         grad_alignment=alignment(grad, top),

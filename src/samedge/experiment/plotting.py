@@ -14,13 +14,25 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .metrics import edge_reached_index, read_metrics  # noqa: E402
+from samedge.core.method import Method  # noqa: E402
+from samedge.errors import ConfigError, RunDirError  # noqa: E402
+from samedge.experiment.metrics import edge_reached_index, read_metrics  # noqa: E402
 
 __all__ = ["plot_run", "FIGURES"]
 
 FIGURES = ("sharpness", "sharpness_vs_edge", "alignment", "loss", "grad_norm")
 
-_EDGE_LABEL = {"sam": "SAM-edge", "usam": "USAM edge", "gd": r"$2/\eta$"}
+
+def _method(cfg: dict) -> Method:
+    """The run's method from its saved settings (defaults for a run without ``config.json``)."""
+    try:
+        return Method(cfg.get("optimizer", "sam"), cfg.get("eta", 1.0), cfg.get("rho", 0.0), cfg.get("momentum", 0.0))
+    except ValueError as err:
+        raise ConfigError(f"config.json holds settings samedge cannot draw: {err}") from None
+
+
+def _edge_label(method: Method) -> str:
+    return method.edge_name if method.perturbs else r"$2/\eta$"
 
 
 def _column(rows, name):
@@ -50,24 +62,30 @@ def _clip_initial_transient(ax, rows, series: list[list]) -> None:
         return
     top = 1.15 * max(later)
     ax.set_ylim(top=top)
-    ax.annotate(f"off scale before step {rows[start]['step']:g} (max {max(values):.4g})", xy=(0.02, 0.97),
-                xycoords="axes fraction", va="top", fontsize=8, color="gray")
+    ax.annotate(
+        f"off scale before step {rows[start]['step']:g} (max {max(values):.4g})",
+        xy=(0.02, 0.97),
+        xycoords="axes fraction",
+        va="top",
+        fontsize=8,
+        color="gray",
+    )
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Draw every figure of ``run_dir``; returns the files written."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.csv").exists():
-        raise FileNotFoundError(f"{run_dir} has no metrics.csv; is it a samedge run directory?")
+        raise RunDirError(f"{run_dir} has no metrics.csv; is it a samedge run directory?")
     rows = read_metrics(run_dir / "metrics.csv")
     if not rows:
-        raise ValueError(f"{run_dir / 'metrics.csv'} has no measurements yet")
+        raise RunDirError(f"{run_dir / 'metrics.csv'} has no measurements yet")
     cfg = {}
     if (run_dir / "config.json").exists():
         cfg = json.loads((run_dir / "config.json").read_text()).get("config", {})
-    opt = cfg.get("optimizer", "sam")
-    title = f"{cfg.get('task', '')} {opt.upper()}  eta={cfg.get('eta', '?')}" + (
-        f"  rho={cfg.get('rho')}" if opt != "gd" else ""
+    method = _method(cfg)
+    title = f"{cfg.get('task', '')} {method.kind.upper()}  eta={method.eta:g}" + (
+        f"  rho={method.rho:g}" if method.perturbs else ""
     )
     steps = _column(rows, "step")
     written: list[Path] = []
@@ -77,11 +95,23 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.plot(steps, _column(rows, "sharpness"), color="tab:blue", label=r"$\lambda_1$ (sharpness)")
     for name in extra_eigs:
         ax.plot(steps, _column(rows, name), color="tab:blue", alpha=0.35, lw=0.8, label=rf"$\lambda_{{{name[7:]}}}$")
-    if opt != "gd":
-        ax.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_EDGE_LABEL.get(opt, "edge"))
-    ax.plot(steps, _column(rows, "gd_edge"), color="tab:purple", ls="--", label=r"$2/\eta$" if not cfg.get("momentum") else r"$(2+2\beta)/\eta$")
+    if method.perturbs:
+        ax.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_edge_label(method))
+    ax.plot(
+        steps,
+        _column(rows, "gd_edge"),
+        color="tab:purple",
+        ls="--",
+        label=r"$2/\eta$" if not cfg.get("momentum") else r"$(2+2\beta)/\eta$",
+    )
     if "sharpness_perturbed" in rows[0]:
-        ax.plot(steps, _column(rows, "sharpness_perturbed"), color="tab:orange", lw=0.8, label=r"$\lambda_1$ at $w+\epsilon$")
+        ax.plot(
+            steps,
+            _column(rows, "sharpness_perturbed"),
+            color="tab:orange",
+            lw=0.8,
+            label=r"$\lambda_1$ at $w+\epsilon$",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("Hessian eigenvalue")
     ax.set_ylim(bottom=0)
@@ -94,13 +124,25 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     has_eval = "eval_sharpness" in rows[0]
     minibatch = " (minibatch)" if cfg.get("batch_size") else ""
     ax1.plot(steps, _column(rows, "sharpness"), color="tab:blue", label=r"$\lambda_1$" + minibatch)
-    ax1.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_EDGE_LABEL.get(opt, "edge") + minibatch)
+    ax1.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_edge_label(method) + minibatch)
     series = [_column(rows, "sharpness"), _column(rows, "sam_edge")]
     if has_eval:
-        ax1.plot(steps, _column(rows, "eval_sharpness"), color="tab:blue", ls="--", lw=0.9,
-                 label=r"$\lambda_1$ (evaluation batch)")
-        ax1.plot(steps, _column(rows, "eval_edge"), color="tab:green", ls="--", lw=0.9,
-                 label=_EDGE_LABEL.get(opt, "edge") + " (evaluation batch)")
+        ax1.plot(
+            steps,
+            _column(rows, "eval_sharpness"),
+            color="tab:blue",
+            ls="--",
+            lw=0.9,
+            label=r"$\lambda_1$ (evaluation batch)",
+        )
+        ax1.plot(
+            steps,
+            _column(rows, "eval_edge"),
+            color="tab:green",
+            ls="--",
+            lw=0.9,
+            label=_edge_label(method) + " (evaluation batch)",
+        )
         series += [_column(rows, "eval_sharpness"), _column(rows, "eval_edge")]
     ax1.set_ylabel("Hessian eigenvalue")
     ax1.set_ylim(bottom=0)
@@ -109,8 +151,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax1.legend()
     ax2.plot(steps, _column(rows, "sharpness_over_edge"), color="black", label="minibatch" if has_eval else None)
     if has_eval:
-        ax2.plot(steps, _column(rows, "eval_sharpness_over_edge"), color="black", ls="--", lw=0.9,
-                 label="evaluation batch")
+        ax2.plot(
+            steps, _column(rows, "eval_sharpness_over_edge"), color="black", ls="--", lw=0.9, label="evaluation batch"
+        )
         ax2.legend(fontsize=8)
     _clip_initial_transient(ax2, rows, [_column(rows, "sharpness_over_edge")])
     ax2.axhline(1.0, color="gray", ls=":")

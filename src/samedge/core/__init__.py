@@ -1,0 +1,45 @@
+"""The library core: pure functions and small classes, no files, no command line, no printing.
+
+* :mod:`~samedge.core.thresholds` -- the GD, heavy-ball, SAM and USAM edges (closed forms);
+* :mod:`~samedge.core.method` -- :class:`Method`, what an optimizer kind means (edge, step);
+* :mod:`~samedge.core.optim` -- SAM/USAM/heavy-ball steps on parameter tuples and the ``SAM``
+  torch optimizer;
+* :mod:`~samedge.core.objective` -- the chunked full-batch loss, gradient and exact HVP;
+* :mod:`~samedge.core.eigen` -- Lanczos, eigsh and power iteration with residuals;
+* :mod:`~samedge.core.curvature` -- the warm-started Hessian eigen-solver;
+* :mod:`~samedge.core.measurements` and :mod:`~samedge.core.tracker` -- one reading, and
+  readings in a user's own loop;
+* :mod:`~samedge.core.params`, :mod:`~samedge.core.losses`, :mod:`~samedge.core.quadratic`,
+  :mod:`~samedge.core.validation` -- helpers and the quadratic model.
+"""
+
+from samedge.core.curvature import HessianEigensolver, hessian_eigenpairs
+from samedge.core.eigen import EigenResult, lanczos
+from samedge.core.measurements import Measurement, measure
+from samedge.core.method import METHOD_KINDS, Method, edge_for
+from samedge.core.objective import Objective
+from samedge.core.optim import SAM, heavy_ball_update, perturbation, sam_gradient
+from samedge.core.thresholds import gd_edge, momentum_edge, sam_edge, usam_edge
+from samedge.core.tracker import SharpnessTracker
+
+__all__ = [
+    "Method",
+    "METHOD_KINDS",
+    "gd_edge",
+    "momentum_edge",
+    "sam_edge",
+    "usam_edge",
+    "edge_for",
+    "Objective",
+    "EigenResult",
+    "lanczos",
+    "HessianEigensolver",
+    "hessian_eigenpairs",
+    "SAM",
+    "perturbation",
+    "sam_gradient",
+    "heavy_ball_update",
+    "Measurement",
+    "measure",
+    "SharpnessTracker",
+]
