@@ -4,14 +4,19 @@ SAM-edge's ``||g||`` and the sharpness are all on the same minibatch, as in the 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from samedge.core.losses import get_loss
 from samedge.core.objective import Objective
 from samedge.data.shakespeare import load_shakespeare
-from samedge.experiment.config import ConfigError, RunConfig
+from samedge.errors import ConfigError
 from samedge.experiment.tasks import Task, default_data_path, minibatch_objectives, resolve_device
 from samedge.models.transformer import Transformer
+
+if TYPE_CHECKING:  # config takes the task names from this package
+    from samedge.experiment.config import RunConfig
 
 
 def build_shakespeare(cfg: RunConfig) -> Task:
