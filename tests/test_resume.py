@@ -53,8 +53,15 @@ def reference(tmp_path_factory):
     return rows_without_time(out / "metrics.csv")
 
 
+@pytest.fixture(scope="module")
+def reference_steps(reference, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref_steps") / "run"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    return (out / "steps.csv").read_text()
+
+
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_identical_rows(tmp_path, reference):
+def test_resume_after_sigkill_gives_identical_rows(tmp_path, reference, reference_steps):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "samedge", *ARGS, "--out", str(out)]
     rng = random.Random(1234)
@@ -81,6 +88,7 @@ def test_resume_after_sigkill_gives_identical_rows(tmp_path, reference):
     ).returncode
     assert code == 0
     assert rows_without_time(out / "metrics.csv") == reference
+    assert (out / "steps.csv").read_text() == reference_steps  # one row per step, bit for bit
     summary = json.loads((out / "summary.json").read_text())
     assert summary["diverged"] is False and summary["final_step"] == 40
 
@@ -93,13 +101,14 @@ def test_resume_of_finished_run_changes_nothing(tmp_path, reference):
     assert (out / "metrics.csv").read_text() == before
 
 
-def test_keyboard_interrupt_checkpoints_and_resumes(tmp_path, reference):
+def test_keyboard_interrupt_checkpoints_and_resumes(tmp_path, reference, reference_steps):
     out = tmp_path / "run"
     run_interrupted(ARGS, out, 12)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["interrupted_step"] == 12
     assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
     assert rows_without_time(out / "metrics.csv") == reference
+    assert (out / "steps.csv").read_text() == reference_steps  # one row per step, bit for bit
 
 
 def test_bad_resume_inputs(tmp_path, capsys):

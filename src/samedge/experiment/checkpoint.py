@@ -36,6 +36,7 @@ class TrainState:
     elapsed: float
     finished: bool = False
     eval_solver: dict | None = None  # the evaluation batch's solver (runs with eval_batch_size)
+    secant: dict | None = None  # the per-step secant estimate's pairs (runs with secant_pairs > 0)
 
 
 def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainState) -> Path:
@@ -50,6 +51,7 @@ def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainSta
         "solver": _to_cpu(state.solver),
         "perturbed_solver": _to_cpu(state.perturbed_solver),
         "eval_solver": _to_cpu(state.eval_solver),
+        "secant": _tensors_to(state.secant, device="cpu"),
         "elapsed": state.elapsed,
         "torch_rng": torch.get_rng_state(),
     }
@@ -62,6 +64,17 @@ def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainSta
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def _tensors_to(obj: Any, **to: Any) -> Any:
+    """``obj`` (nested dicts, lists and tuples) with every tensor moved by ``Tensor.to(**to)``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(**to)
+    if isinstance(obj, dict):
+        return {k: _tensors_to(v, **to) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tensors_to(v, **to) for v in obj)
+    return obj
 
 
 def _to_cpu(state: dict | None) -> dict | None:
@@ -119,4 +132,21 @@ def load_checkpoint(
         elapsed=float(payload["elapsed"]),
         finished=bool(payload["finished"]),
         eval_solver=place_solver(payload.get("eval_solver")),
+        secant=_place_secant(payload.get("secant"), device, dtype),
     )
+
+
+def _place_secant(state: dict | None, device: torch.device | str, dtype: torch.dtype) -> dict | None:
+    """The secant pairs on the run's device and dtype (their Gram matrices stay float64)."""
+    if state is None:
+        return None
+    window = state["window"]
+    placed = {
+        **window,
+        "s": [t.to(device=device, dtype=dtype) for t in window["s"]],
+        "y": [t.to(device=device, dtype=dtype) for t in window["y"]],
+    }
+    previous = state.get("previous")
+    if previous is not None:
+        previous = tuple(t.to(device=device, dtype=dtype) for t in previous)
+    return {"window": placed, "previous": previous}

@@ -47,6 +47,8 @@ _HELP = {
     "chunk_size": "examples per chunk for full-batch sums (bounds memory)",
     "loss": "mse (squared error on one-hot targets, as the paper) or xent",
     "checkpoint_every": "checkpoint every N steps (0: only at the end and on Ctrl-C)",
+    "secant_pairs": "per-step sharpness (steps.csv) from the last N gradient pairs training computes anyway "
+    "(default: 10 SAM/USAM perturbation pairs, 3 consecutive steps for GD; 0: off)",
     "seed": "random seed (data order, initialization, eigen-solver start)",
     "dtype": "float32 or float64",
     "device": "cpu, cuda or auto",

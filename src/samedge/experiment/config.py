@@ -58,6 +58,9 @@ class RunConfig:
     measure_perturbed: bool = False
     hvp_mode: str = "double-backward"
     checkpoint_every: int = 100  # steps; 0: only at the end (and on Ctrl-C)
+    secant_pairs: int | None = (
+        None  # per-step secant sharpness from the last N pairs (steps.csv); None: by kind; 0: off
+    )
     # data
     data: str | None = None
     n_train: int | None = 2000
@@ -120,6 +123,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "eval_batch_size": (0, math.inf, True),
     "measure_every": (1, math.inf, True),
     "checkpoint_every": (0, math.inf, True),
+    "secant_pairs": (0, 1000, True),
     "eig_k": (1, 64, True),
     "eig_tol": (0.0, 1.0, False),
     "eig_max_iter": (1, 100000, True),

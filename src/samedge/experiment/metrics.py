@@ -71,12 +71,21 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-class MetricsWriter:
-    """Appends rows to ``path``; the header is written when the file is new or empty."""
+#: ``steps.csv``: one row per training step (the per-step secant sharpness, :mod:`samedge.core.secant`)
+STEP_COLUMNS = ["step", "train_loss", "grad_norm", "edge", "sharpness_secant", "secant_residual"]
 
-    def __init__(self, path: str | Path, columns: Sequence[str]):
+
+class MetricsWriter:
+    """Appends rows to ``path``; the header is written when the file is new or empty.
+
+    Each row is flushed to the operating system at once; with ``fsync_each_row`` (metrics.csv)
+    it is also forced to disk, otherwise (steps.csv, a row per step) only at :meth:`sync`, which
+    the runner calls before each checkpoint."""
+
+    def __init__(self, path: str | Path, columns: Sequence[str], *, fsync_each_row: bool = True):
         self.path = Path(path)
         self.columns = list(columns)
+        self.fsync_each_row = fsync_each_row
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = open(self.path, "a", encoding="utf-8", newline="")
         if new:
@@ -86,6 +95,12 @@ class MetricsWriter:
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(values)
         self._file.write(buf.getvalue())
+        self._file.flush()
+        if self.fsync_each_row:
+            os.fsync(self._file.fileno())
+
+    def sync(self) -> None:
+        """Force the rows written so far to disk."""
         self._file.flush()
         os.fsync(self._file.fileno())
 

@@ -3,7 +3,8 @@
 The loop at step ``t`` (t = 0 .. steps):
 
 1. loss and gradient ``g`` at ``w_t`` on the step's objective (full batch, or the minibatch);
-2. the direction: ``g`` (GD) or the SAM/USAM gradient at ``w_t + e``;
+2. the direction: ``g`` (GD) or the SAM/USAM gradient at ``w_t + e``; with ``secant_pairs``, a
+   row of ``steps.csv`` with the per-step secant sharpness from these gradients (no extra work);
 3. every ``measure_every`` steps and at the last step: a measurement at ``w_t`` (eigen-solve,
    warm-started; the gradients of 1-2 are reused), written to ``metrics.csv`` at once;
 4. the update ``w_{t+1}`` (heavy-ball if ``momentum > 0``), except after the last step;
@@ -30,10 +31,12 @@ from samedge.core.measurements import Measurement, measure
 from samedge.core.method import Method
 from samedge.core.objective import Evaluation, Objective
 from samedge.core.params import Params, norm
+from samedge.core.secant import StepSecants
 from samedge.errors import CheckpointError
 from samedge.experiment.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from samedge.experiment.config import RunConfig
 from samedge.experiment.metrics import (
+    STEP_COLUMNS,
     MetricsWriter,
     base_columns,
     read_metrics,
@@ -44,7 +47,9 @@ from samedge.experiment.metrics import (
 from samedge.experiment.rundir import default_run_dir, prepare_run_dir, write_run_config
 from samedge.experiment.tasks import Task, build_task
 
-__all__ = ["RunResult", "run"]
+__all__ = ["RunResult", "run", "STEPS_NAME"]
+
+STEPS_NAME = "steps.csv"
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,13 @@ class _Solvers:
         self.eval = solver(1, cfg.seed + 2) if task.eval_batch is not None else None
 
     def state(
-        self, step: int, params: Params, velocity: Params | None, elapsed: float, finished: bool = False
+        self,
+        step: int,
+        params: Params,
+        velocity: Params | None,
+        elapsed: float,
+        finished: bool = False,
+        secants: StepSecants | None = None,
     ) -> TrainState:
         return TrainState(
             step,
@@ -81,6 +92,7 @@ class _Solvers:
             elapsed,
             finished,
             self.eval.state_dict() if self.eval else None,
+            secants.state_dict() if secants is not None else None,
         )
 
     def restore(self, state: TrainState, run_dir: Path) -> None:
@@ -114,16 +126,20 @@ def run(
     task = task if task is not None else build_task(cfg)  # data errors surface before anything is written
     method = cfg.method()
     solvers = _Solvers(cfg, task)
+    secants = StepSecants(method, cfg.secant_pairs) if cfg.secant_pairs != 0 else None
     if resume:
         state = load_checkpoint(
             run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
         )
         truncate_metrics(run_dir / "metrics.csv", state.step)
+        truncate_metrics(run_dir / STEPS_NAME, state.step)
     else:
         prepare_run_dir(run_dir, overwrite)
         write_run_config(run_dir, cfg, data_source=task.source, n_parameters=task.n_parameters)
         state = solvers.state(0, task.train.parameters(), None, 0.0)
     solvers.restore(state, run_dir)
+    if secants is not None and state.secant is not None:  # a checkpoint from before steps.csv starts empty
+        secants.load_state_dict(state.secant)
     columns = base_columns(cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement, task.eval_batch is not None)
     params, velocity = state.params, state.velocity
     status: dict[str, Any] = {"diverged": False, "diverged_step": None, "interrupted": False}
@@ -133,10 +149,16 @@ def run(
     saved_config = cfg.to_dict()
 
     def boundary(step: int, finished: bool = False) -> TrainState:
-        return solvers.state(step, params, velocity, time.perf_counter() - start, finished)
+        return solvers.state(step, params, velocity, time.perf_counter() - start, finished, secants)
+
+    def checkpoint(state: TrainState) -> None:
+        if steps_writer is not None:
+            steps_writer.sync()  # the rows a checkpoint vouches for are on disk before it
+        save_checkpoint(run_dir, saved_config, state)
 
     bar = _progress_bar(cfg.steps, progress and not state.finished, initial=min(state.step, cfg.steps))
     at_start = last_good = boundary(state.step, state.finished)
+    steps_writer = MetricsWriter(run_dir / STEPS_NAME, STEP_COLUMNS, fsync_each_row=False) if secants else None
     with MetricsWriter(run_dir / "metrics.csv", columns) as writer:
         try:
             for step in range(state.step, cfg.steps + 1) if not state.finished else ():
@@ -145,12 +167,15 @@ def run(
                 objective = task.objective_at(step)
                 ev = objective.loss_and_grad(params)
                 assert ev.grad is not None
-                if not (math.isfinite(ev.loss) and math.isfinite(norm(ev.grad))):
+                g_norm = norm(ev.grad)
+                if not (math.isfinite(ev.loss) and math.isfinite(g_norm)):
                     status.update(diverged=True, diverged_step=step, reason="non-finite loss or gradient")
                     break
                 last_good = at_start
                 # 2. the direction: g, or the SAM/USAM gradient at w_t + e
                 direction = method.direction(objective.grad, params, ev.grad)
+                if secants is not None and steps_writer is not None:
+                    steps_writer.write(_step_row(step, ev.loss, g_norm, method, secants, params, ev.grad, direction))
                 # 3. a measurement, written at once
                 if step % cfg.measure_every == 0 or step == cfg.steps:
                     row, m = _measurement_row(cfg, task, method, solvers, objective, params, ev, direction)
@@ -162,7 +187,7 @@ def run(
                         status.update(diverged=True, diverged_step=step, reason="non-finite sharpness")
                         break
                 if step == cfg.steps:
-                    save_checkpoint(run_dir, saved_config, boundary(step + 1, finished=True))
+                    checkpoint(boundary(step + 1, finished=True))
                     break
                 if on_step is not None:
                     on_step(step)
@@ -171,18 +196,22 @@ def run(
                 bar.update(1)
                 # 5. a checkpoint every checkpoint_every steps
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                    save_checkpoint(run_dir, saved_config, boundary(step + 1))
+                    checkpoint(boundary(step + 1))
         except KeyboardInterrupt:
-            save_checkpoint(run_dir, saved_config, at_start)
+            checkpoint(at_start)
             params = at_start.params
             status.update(interrupted=True, interrupted_step=at_start.step)
         finally:
             bar.close()
+            if steps_writer is not None:
+                steps_writer.sync()
+                steps_writer.close()
     elapsed = time.perf_counter() - start
     summary = summarize(read_metrics(run_dir / "metrics.csv"))
     summary.update(status)
     if status["diverged"]:
         save_checkpoint(run_dir, saved_config, last_good)
+        truncate_metrics(run_dir / STEPS_NAME, last_good.step + 1)
         summary["last_good_step"] = last_good.step
     else:
         test = task.test.evaluate(params)
@@ -222,6 +251,28 @@ def _measurement_row(
         test = task.test.evaluate(params)
         row.update(test_loss=test.loss, test_accuracy=test.accuracy)
     return row, m
+
+
+def _step_row(
+    step: int,
+    loss: float,
+    g_norm: float,
+    method: Method,
+    secants: StepSecants,
+    params: Params,
+    grad: Params,
+    direction: Params,
+) -> dict[str, Any]:
+    """One row of ``steps.csv``: the secant estimate at ``w_t`` where it passes the residual rule."""
+    est = secants.observe(params, grad, direction)
+    return {
+        "step": step,
+        "train_loss": loss,
+        "grad_norm": g_norm,
+        "edge": method.edge(g_norm),
+        "sharpness_secant": est.sharpness if est is not None and secants.valid(est) else None,
+        "secant_residual": est.residual if est is not None and math.isfinite(est.residual) else None,
+    }
 
 
 def _eval_columns(batch: Objective, params: Params, solver: HessianEigensolver, method: Method) -> dict[str, Any]:
