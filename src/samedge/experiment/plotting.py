@@ -7,6 +7,7 @@ is still going or was interrupted.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +30,18 @@ def _method(cfg: dict) -> Method:
         return Method(cfg.get("optimizer", "sam"), cfg.get("eta", 1.0), cfg.get("rho", 0.0), cfg.get("momentum", 0.0))
     except ValueError as err:
         raise ConfigError(f"config.json holds settings samedge cannot draw: {err}") from None
+
+
+def _secant_series(run_dir: Path) -> tuple[list[float], list[float]] | None:
+    """Steps and per-step secant estimates from ``steps.csv`` (None without that file or an estimate)."""
+    path = run_dir / "steps.csv"
+    if not path.exists():
+        return None
+    rows = read_metrics(path)
+    values = [r.get("sharpness_secant") for r in rows]
+    if not any(v is not None for v in values):
+        return None
+    return [float(r["step"] or 0) for r in rows], [math.nan if v is None else float(v) for v in values]
 
 
 def _edge_label(method: Method) -> str:
@@ -92,7 +105,18 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     extra_eigs = sorted(k for k in rows[0] if k.startswith("lambda_"))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(steps, _column(rows, "sharpness"), color="tab:blue", label=r"$\lambda_1$ (sharpness)")
+    secant = _secant_series(run_dir)
+    if secant is not None:
+        ax.plot(*secant, color="tab:blue", lw=0.6, alpha=0.6, label=r"$\lambda_1$ per step (secant estimate)")
+    ax.plot(
+        steps,
+        _column(rows, "sharpness"),
+        "o-",
+        ms=2.5,
+        lw=1.0,
+        color="tab:blue",
+        label=r"$\lambda_1$ (sharpness, Lanczos)",
+    )
     for name in extra_eigs:
         ax.plot(steps, _column(rows, name), color="tab:blue", alpha=0.35, lw=0.8, label=rf"$\lambda_{{{name[7:]}}}$")
     if method.perturbs:
