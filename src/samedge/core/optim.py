@@ -158,19 +158,19 @@ class SAM(torch.optim.Optimizer):
         if unknown:
             who = type(self.base_optimizer).__name__ if self.base_optimizer is not None else "SAM's built-in update"
             raise ValueError(f"param group keys {unknown} are not used by SAM or {who}; they would be ignored")
-        if not group["rho"] >= 0:
+        if "rho" in group and not group["rho"] >= 0:
             raise ValueError(f"rho must be >= 0, got {group['rho']}")
 
     def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "_allowed"):  # after construction: refused before anything is added
+            self._check_group(param_group)
         base = getattr(self, "base_optimizer", None)
         if base is None:
             super().add_param_group(param_group)
-            if hasattr(self, "_allowed"):
-                self._check_group(self.param_groups[-1])
-            return
-        param_group = {"rho": self.defaults["rho"], "normalized": self.defaults["normalized"], **param_group}
-        base.add_param_group(param_group)
-        self._check_group(base.param_groups[-1])
+        else:
+            base.add_param_group(
+                {"rho": self.defaults["rho"], "normalized": self.defaults["normalized"], **param_group}
+            )
 
     def _params_with_grad(self):
         for group in self.param_groups:
