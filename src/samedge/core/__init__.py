@@ -15,6 +15,7 @@
 
 from samedge.core.curvature import HessianEigensolver, hessian_eigenpairs
 from samedge.core.eigen import EigenResult, lanczos
+from samedge.core.losses import SummedLoss
 from samedge.core.measurements import Measurement, measure
 from samedge.core.method import METHOD_KINDS, Method, edge_for
 from samedge.core.objective import Objective
@@ -31,6 +32,7 @@ __all__ = [
     "usam_edge",
     "edge_for",
     "Objective",
+    "SummedLoss",
     "EigenResult",
     "lanczos",
     "HessianEigensolver",

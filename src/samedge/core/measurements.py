@@ -8,6 +8,7 @@ anyway), so a measurement costs only the eigen-solve's HVPs.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -17,16 +18,16 @@ from torch import Tensor
 from samedge.core.curvature import HessianEigensolver
 from samedge.core.method import Method
 from samedge.core.objective import Objective
-from samedge.core.params import flatten, norm
+from samedge.core.params import flatten, norm, unflatten
 
-__all__ = ["Measurement", "measure", "alignment"]
+__all__ = ["Measurement", "measure", "alignment", "repeat_check"]
 
 
 @dataclass(frozen=True)
 class Measurement:
     """What the sharpness study records at one point ``w``.
 
-    ``sharpness`` is the largest Hessian eigenvalue; ``edge`` the optimizer's stability threshold
+    ``sharpness`` is the largest Hessian eigenvalue (over the parameters the objective differentiates); ``edge`` the optimizer's stability threshold
     (SAM-edge for SAM, USAM edge for USAM, ``(2 + 2 beta)/eta`` for GD); ``gd_edge`` the GD (or
     heavy-ball) edge; alignments are ``|cos|`` between a gradient and the top eigenvector.
     """
@@ -43,6 +44,10 @@ class Measurement:
     converged: bool
     hvps: int
     sharpness_perturbed: float | None = None
+    #: whether two products with the top eigenvector agreed (None: not checked); a function that
+    #: changed between products (randomness or state the objective does not control) is never
+    #: reported as converged
+    hvp_consistent: bool | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,15 +72,21 @@ def measure(
     method: Method,
     perturbed_params: Sequence[Tensor] | None = None,
     perturbed_solver: HessianEigensolver | None = None,
+    check_repeat: bool = False,
 ) -> Measurement:
     """Eigen-solve at ``params`` (and, if given, at the SAM point ``perturbed_params``); the edges
-    are ``method``'s at ``||grad||``."""
+    are ``method``'s at ``||grad||``.  With ``check_repeat``, two more HVPs with the top
+    eigenvector must agree (see :func:`repeat_check`)."""
     result = solver(objective, params)
     g_norm = norm(grad)
     sharpness = float(result.eigenvalues[0])
     edge = method.edge(g_norm) if math.isfinite(g_norm) else math.nan
     top = result.eigenvectors[0]
     hvps = result.matvecs
+    consistent = None
+    if check_repeat:
+        consistent = repeat_check(objective, params, top, solver.tol)
+        hvps += 2
     sharpness_perturbed = None
     if perturbed_params is not None:
         other = (perturbed_solver or solver)(objective, perturbed_params)
@@ -91,7 +102,30 @@ def measure(
         sam_grad_alignment=alignment(sam_grad, top),
         eigenvalues=tuple(float(x) for x in result.eigenvalues),
         relative_residual=float(result.relative_residuals.max()),
-        converged=bool(result.converged),
+        converged=bool(result.converged) and consistent is not False,
         hvps=hvps,
         sharpness_perturbed=sharpness_perturbed,
+        hvp_consistent=consistent,
     )
+
+
+def repeat_check(objective: Objective, params: Sequence[Tensor], vector: Tensor, tol: float) -> bool:
+    """Whether two Hessian-vector products with the same ``vector`` agree to within
+    ``max(tol, 100 eps)`` relative: a cheap test that the function did not change between
+    products (it does when a layer draws random numbers the objective does not seed, or keeps
+    state between calls).  A warning says so when they disagree."""
+    like = tuple(params)
+    v = unflatten(vector.to(like[0].dtype), like)
+    first, second = flatten(objective.hvp(like, v)), flatten(objective.hvp(like, v))
+    scale = float(torch.linalg.vector_norm(first.double()))
+    diff = float(torch.linalg.vector_norm((first - second).double()))
+    bound = max(tol, 100 * torch.finfo(first.dtype).eps) * scale
+    if diff <= bound:
+        return True
+    warnings.warn(
+        f"two Hessian-vector products at the same point differ by {diff / max(scale, 1e-300):.2g} relative: the "
+        "function changes between calls (a random or stateful layer samedge does not control); "
+        "the reading is marked not converged",
+        stacklevel=3,
+    )
+    return False

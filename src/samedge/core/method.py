@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
-from samedge.core.optim import heavy_ball_update, sam_gradient, sam_point
+from samedge.core.optim import SAM, heavy_ball_update, sam_gradient, sam_point
 from samedge.core.params import Params, norm
 from samedge.core.thresholds import momentum_edge, sam_edge, usam_edge
 
@@ -74,6 +75,35 @@ class Method:
         object.__setattr__(self, "eta", eta)
         object.__setattr__(self, "rho", rho)
         object.__setattr__(self, "momentum", momentum)
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> Method:
+        """The method a ``samedge.SAM`` or ``torch.optim.SGD`` optimizer runs, from its
+        hyperparameters (step, radius, momentum), for the edge that depends on them.  Refused,
+        with the reason, where samedge knows no edge: other base optimizers (Adam, AdamW, ...),
+        weight decay, dampening, Nesterov, or hyperparameters that differ between groups."""
+        sam = isinstance(optimizer, SAM)
+        inner = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+        if inner is not None and type(inner) is not torch.optim.SGD:
+            raise ValueError(
+                f"samedge knows the edges of GD, heavy-ball SGD, SAM and USAM, not of {type(inner).__name__}; "
+                "pass method=Method(...) or eta/rho/momentum for the edge you mean"
+            )
+        keys = ("lr", "momentum", "rho", "normalized", "weight_decay", "dampening", "nesterov")
+        settings = {tuple(group.get(key) for key in keys) for group in optimizer.param_groups}
+        if len(settings) != 1:
+            raise ValueError("the optimizer's param groups differ in lr, momentum or rho: one edge does not apply")
+        lr, momentum, rho, normalized, weight_decay, dampening, nesterov = settings.pop()
+        if lr is None:
+            raise ValueError(f"{type(optimizer).__name__} has no lr: no edge")
+        if weight_decay or dampening or nesterov:
+            raise ValueError(
+                "the edge with weight_decay, dampening or nesterov is not modelled by samedge; "
+                "pass method=Method(...) or eta/rho/momentum for the edge you mean"
+            )
+        if not sam:
+            return cls("gd", lr, 0.0, momentum or 0.0)
+        return cls("sam" if normalized else "usam", lr, rho or 0.0, momentum or 0.0)
 
     # what the kind means ------------------------------------------------------------------
     @staticmethod

@@ -6,7 +6,22 @@ a loss and a data set split into chunks.  Every quantity is the size-weighted su
     L(w) = sum_c (n_c / N) L_c(w),
 
 so the result is the full-batch value while peak memory is set by one chunk.  A minibatch is
-simply an objective with one chunk.
+simply an objective with one chunk.  A loss that is not a mean over its targets (class weights,
+``ignore_index``; any ``torch.nn`` loss module) is summed over chunks and divided by its own
+global normaliser instead (:mod:`samedge.core.losses`).
+
+What is differentiated: exactly the model's parameters with ``requires_grad=True`` (frozen ones
+enter the function at their current values); a parameter the loss does not use has a zero
+gradient and zero Hessian rows (:attr:`Objective.unused` names them after a gradient).
+
+A defined function for stateful and random layers: the model is only ever called through
+``functional_call`` with copies of its buffers, so BatchNorm's running statistics are never
+updated; every chunk is evaluated under the random seed ``hash((seed, chunk))`` with the global
+random state saved and restored, so dropout draws the same masks in every loss, gradient and HVP
+of the objective and the caller's random stream is untouched.  ``mode="eval"`` or ``"train"``
+sets the modules' training flags during each evaluation (restored afterwards); the default uses
+them as they are.  BatchNorm in train mode normalises by the statistics of each chunk: with
+several chunks that is not the full-batch function, and a warning says so.
 
 Hessian-vector products are exact (no finite differences), by one of two routes:
 
@@ -24,19 +39,24 @@ silently wrong products through ``F.layer_norm``; so it is not offered.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from samedge.core.losses import LossFn, count_correct
+from samedge.core.losses import LossFn, SummedLoss, count_correct, summed_loss
 from samedge.core.params import Params
 
-__all__ = ["Objective", "Evaluation", "HVP_MODES"]
+__all__ = ["Objective", "Evaluation", "HVP_MODES", "MODES", "frozen_rng"]
 
 HVP_MODES = ("double-backward", "forward-over-reverse")
+#: training flags during an evaluation: None keeps the modules' own
+MODES = (None, "train", "eval")
 
 
 @dataclass(frozen=True)
@@ -49,29 +69,103 @@ class Evaluation:
     grad: Params | None = None
 
 
+@contextmanager
+def frozen_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with the global CPU (and ``device``'s CUDA) generator seeded by ``seed``, and
+    restore the caller's random state afterwards."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _training_flags(model: nn.Module, mode: str | None) -> Iterator[None]:
+    if mode is None:
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _chunk_seed(seed: int, index: int) -> int:
+    return hash((seed, index)) & (2**63 - 1)
+
+
 class Objective:
-    """Full-batch (chunked) loss of ``model`` on ``chunks`` as a function of a parameter tuple."""
+    """Full-batch (chunked) loss of ``model`` on ``chunks`` as a function of a parameter tuple.
+
+    ``parameter_names`` (default: every parameter with ``requires_grad=True``, in the order of
+    ``model.named_parameters()``) are the coordinates; ``seed`` fixes the random numbers of
+    layers such as dropout (change it to draw new ones); ``mode`` is None, ``"train"`` or
+    ``"eval"`` (see the module docstring)."""
 
     def __init__(
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        chunks: Sequence[tuple[Tensor, Tensor]],
+        chunks: Sequence[tuple[Any, Tensor]],
         hvp_mode: str = "double-backward",
+        *,
+        parameter_names: Sequence[str] | None = None,
+        mode: str | None = None,
+        seed: int = 0,
     ):
         if not chunks:
             raise ValueError("an objective needs at least one chunk of data")
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown hvp_mode {hvp_mode!r}; choose one of {', '.join(HVP_MODES)}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be None, 'train' or 'eval', got {mode!r}")
+        named = dict(model.named_parameters())
+        if parameter_names is None:
+            parameter_names = [name for name, p in named.items() if p.requires_grad]
+            if not parameter_names:
+                raise ValueError("the model has no trainable parameters (every one has requires_grad=False)")
+        unknown = [name for name in parameter_names if name not in named]
+        if unknown:
+            raise ValueError(f"parameter_names {unknown} are not parameters of the model")
+        if not parameter_names:
+            raise ValueError("parameter_names is empty")
         self.model = model
         self.loss_fn = loss_fn
         self.chunks = list(chunks)
-        self.names = tuple(name for name, _ in model.named_parameters())
+        self.names = tuple(parameter_names)
+        self._named = named
+        self._has_buffers = any(True for _ in model.buffers())
+        self.mode = mode
+        self.seed = seed
+        # several chunks: a loss with its own normaliser is summed (None: a mean over targets)
+        self.summed: SummedLoss | None = summed_loss(loss_fn) if len(self.chunks) > 1 else None
         counts = [int(y.numel()) for _, y in self.chunks]
         total = sum(counts)
         self.weights = [n / total for n in counts]
         self.num_targets = total
         self.hvp_mode = hvp_mode
+        #: parameters whose gradient was None in every chunk of the last gradient
+        self.unused: tuple[str, ...] = ()
+        if len(self.chunks) > 1 and self._batchnorm_in_train_mode():
+            warnings.warn(
+                f"BatchNorm in train mode normalises each of the {len(self.chunks)} chunks by its own batch "
+                "statistics: the measured loss is the combination of the chunks' losses, not the full-batch "
+                "loss; use one chunk or mode='eval' for a function of the whole batch",
+                stacklevel=3,
+            )
+
+    def _batchnorm_in_train_mode(self) -> bool:
+        return any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (self.mode == "train" or (self.mode is None and m.training))
+            for m in self.model.modules()
+        )
 
     @classmethod
     def from_tensors(
@@ -84,45 +178,95 @@ class Objective:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return cls(model, loss_fn, list(zip(x.split(chunk_size), y.split(chunk_size))), **kw)
 
+    def restricted(self, parameter_names: Sequence[str]) -> Objective:
+        """The same objective over fewer coordinates (the others at the model's values)."""
+        return Objective(
+            self.model,
+            self.loss_fn,
+            self.chunks,
+            self.hvp_mode,
+            parameter_names=parameter_names,
+            mode=self.mode,
+            seed=self.seed,
+        )
+
     def parameters(self) -> Params:
-        """The model's current parameters, detached (the starting point of a run)."""
-        return tuple(p.detach().clone() for p in self.model.parameters())
+        """The model's current (differentiated) parameters, detached (the starting point of a run)."""
+        return tuple(self._named[name].detach().clone() for name in self.names)
 
-    def outputs(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
-        return functional_call(self.model, dict(zip(self.names, params)), (x,))
+    def outputs(self, params: Sequence[Tensor], x: Any) -> Any:
+        tensors = dict(zip(self.names, params))
+        if self._has_buffers:  # copies: BatchNorm's running statistics in the model stay as they are
+            tensors.update((name, b.clone()) for name, b in self.model.named_buffers())
+        return functional_call(self.model, tensors, (x,))
 
-    def _chunk_loss(self, params: Sequence[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, int | None]:
-        out = self.outputs(params, x)
-        return self.loss_fn(out, y), count_correct(out, y)
+    @contextmanager
+    def _context(self, index: int, x: Any) -> Iterator[None]:
+        """Chunk ``index`` is evaluated with the objective's training flags and random seed."""
+        device = x.device if isinstance(x, Tensor) else self._named[self.names[0]].device
+        with _training_flags(self.model, self.mode), frozen_rng(_chunk_seed(self.seed, index), device):
+            yield
+
+    def _chunk_value(self, out: Any, y: Tensor) -> tuple[Tensor, float]:
+        """The chunk's term: its summed loss and count (summed loss), or its mean loss and weight."""
+        if self.summed is not None:
+            return self.summed.split(out, y)
+        return self.loss_fn(out, y), 1.0
+
+    def _finish(self, count: float) -> float:
+        """What the accumulated terms are divided by: the global normaliser of a summed loss."""
+        if self.summed is None or not self.summed.normalized:
+            return 1.0
+        return count
+
+    def _weight(self, index: int) -> float:
+        return 1.0 if self.summed is not None else self.weights[index]
 
     def _accuracy(self, correct: int | None) -> float:
         return math.nan if correct is None else correct / self.num_targets
 
     def evaluate(self, params: Sequence[Tensor]) -> Evaluation:
         """Loss and accuracy, no gradient."""
-        loss = 0.0
+        loss, count = 0.0, 0.0
         correct: int | None = 0
         with torch.no_grad():
-            for (x, y), w in zip(self.chunks, self.weights):
-                chunk_loss, chunk_correct = self._chunk_loss(params, x, y)
-                loss += w * float(chunk_loss)
+            for i, (x, y) in enumerate(self.chunks):
+                with self._context(i, x):
+                    out = self.outputs(params, x)
+                    value, n = self._chunk_value(out, y)
+                chunk_correct = count_correct(out, y)
+                loss += self._weight(i) * float(value)
+                count += n
                 correct = None if chunk_correct is None or correct is None else correct + chunk_correct
-        return Evaluation(loss, self._accuracy(correct))
+        return Evaluation(loss / self._finish(count), self._accuracy(correct))
 
     def loss_and_grad(self, params: Sequence[Tensor]) -> Evaluation:
         """Loss, accuracy and gradient ``(dL/dw)`` at ``params``."""
         grad = [torch.zeros_like(p) for p in params]
-        loss = 0.0
+        used = [False] * len(grad)
+        loss, count = 0.0, 0.0
         correct: int | None = 0
-        for (x, y), w in zip(self.chunks, self.weights):
+        for i, (x, y) in enumerate(self.chunks):
             leaves = [p.detach().requires_grad_(True) for p in params]
-            chunk_loss, chunk_correct = self._chunk_loss(leaves, x, y)
-            chunk_grad = torch.autograd.grad(chunk_loss, leaves)
-            for acc, g in zip(grad, chunk_grad):
-                acc.add_(g, alpha=w)
-            loss += w * float(chunk_loss.detach())
+            with self._context(i, x):
+                out = self.outputs(leaves, x)
+                value, n = self._chunk_value(out, y)
+                chunk_grad = torch.autograd.grad(value, leaves, allow_unused=True)
+            w = self._weight(i)
+            for j, (acc, g) in enumerate(zip(grad, chunk_grad)):
+                if g is not None:
+                    acc.add_(g, alpha=w)
+                    used[j] = True
+            chunk_correct = count_correct(out, y)
+            loss += w * float(value.detach())
+            count += n
             correct = None if chunk_correct is None or correct is None else correct + chunk_correct
-        return Evaluation(loss, self._accuracy(correct), tuple(grad))
+        self.unused = tuple(name for name, u in zip(self.names, used) if not u)
+        scale = self._finish(count)
+        if scale != 1.0:
+            for acc in grad:
+                acc.div_(scale)
+        return Evaluation(loss / scale, self._accuracy(correct), tuple(grad))
 
     def grad(self, params: Sequence[Tensor]) -> Params:
         grad = self.loss_and_grad(params).grad
@@ -132,10 +276,19 @@ class Objective:
     def hvp(self, params: Sequence[Tensor], vector: Sequence[Tensor]) -> Params:
         """Exact Hessian-vector product ``H(params) @ vector``."""
         out = [torch.zeros_like(p) for p in params]
-        for (x, y), w in zip(self.chunks, self.weights):
-            chunk_hv = self._hvp_routes[self.hvp_mode](self, params, vector, x, y)
+        count = 0.0
+        for i, (x, y) in enumerate(self.chunks):
+            with self._context(i, x):
+                chunk_hv, n = self._hvp_routes[self.hvp_mode](self, params, vector, x, y)
+            w = self._weight(i)
             for acc, h in zip(out, chunk_hv):
-                acc.add_(h, alpha=w)
+                if h is not None:
+                    acc.add_(h, alpha=w)
+            count += n
+        scale = self._finish(count)
+        if scale != 1.0:
+            for acc in out:
+                acc.div_(scale)
         return tuple(out)
 
     def finite_difference_hvp(self, params: Sequence[Tensor], vector: Sequence[Tensor], eps: float = 1e-3) -> Params:
@@ -147,15 +300,25 @@ class Objective:
 
     def _hvp_double_backward(self, params, vector, x, y):
         leaves = [p.detach().requires_grad_(True) for p in params]
-        chunk_loss = self.loss_fn(self.outputs(leaves, x), y)
-        g = torch.autograd.grad(chunk_loss, leaves, create_graph=True)
-        return torch.autograd.grad(g, leaves, grad_outputs=tuple(vector))
+        value, n = self._chunk_value(self.outputs(leaves, x), y)
+        g = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        # unused parameters, or ones the gradient does not depend on: their products are zero
+        pairs = [(gi, vi) for gi, vi in zip(g, vector) if gi is not None and gi.requires_grad]
+        if not pairs:
+            return [None] * len(leaves), n
+        outs, vs = zip(*pairs)
+        return torch.autograd.grad(outs, leaves, grad_outputs=vs, allow_unused=True), n
 
     def _hvp_forward_over_reverse(self, params, vector, x, y):
-        def loss_of(p):
-            return self.loss_fn(self.outputs(p, x), y)
+        counts: list[float] = []
 
-        return torch.func.jvp(torch.func.grad(loss_of), (tuple(params),), (tuple(vector),))[1]
+        def loss_of(p):
+            value, n = self._chunk_value(self.outputs(p, x), y)
+            counts.append(n)
+            return value
+
+        hv = torch.func.jvp(torch.func.grad(loss_of), (tuple(params),), (tuple(vector),))[1]
+        return hv, counts[-1]
 
     _hvp_routes = {
         "double-backward": _hvp_double_backward,

@@ -2,34 +2,62 @@
 
     tracker = SharpnessTracker(model, loss_fn, (x, y))         # any nn.Module, any loss
     m = tracker.measure(eta=0.1, rho=0.05, optimizer="sam")     # at the model's current weights
+    m = tracker.measure(optimizer=opt)                          # the method a samedge.SAM / SGD runs
+    m = tracker.measure(eta=0.1, batch=(xb, yb))                # on a new minibatch
     m.sharpness, m.edge, m.sharpness_over_edge, m.grad_alignment
 
-The loss function takes ``(outputs, targets)`` and returns the mean loss of a batch.  ``data`` is
-one ``(inputs, targets)`` pair (split into ``chunk_size`` pieces) or a list of such batches,
-which are combined weighted by their number of targets: the full-batch loss.  Eigen-solves are
-warm-started from the previous call.
+The loss function takes ``(outputs, targets)`` and returns the loss of a batch (the outputs may
+be a tuple or dict: only the loss looks inside them).  ``data`` is one ``(inputs, targets)``
+pair (split into ``chunk_size`` pieces) or a list of such batches; their combination is the
+full-batch loss (a ``torch.nn`` loss module is combined with its own normaliser, see
+:mod:`samedge.core.losses`).  Eigen-solves are warm-started from the previous call.
+
+What is measured: the Hessian of the loss in the parameters with ``requires_grad=True`` (those
+the loss does not use are left out, with a warning, once).  A reading never changes the model:
+buffers (BatchNorm's running statistics) are copied, and random layers (dropout) draw their
+numbers from a seed of the reading (drawn from ``seed``), the same in every gradient and HVP of
+the reading, with the caller's random state untouched.  ``mode="eval"`` measures the model in
+eval mode (training flags restored afterwards).  Two extra HVPs check that the function did not
+change between products; a reading where it did is reported as not converged.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from samedge.core.curvature import HessianEigensolver
 from samedge.core.measurements import Measurement, measure
 from samedge.core.method import Method
-from samedge.core.objective import Objective
+from samedge.core.objective import HVP_MODES, MODES, Objective
+from samedge.core.validation import positive_int
 
 __all__ = ["SharpnessTracker"]
+
+Batch = tuple[Any, Tensor]
+
+
+def _check_batch(batch: object, what: str) -> Batch:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor)):
+        raise ValueError(f"{what} must be a pair (inputs, targets) with targets a tensor, got {type(batch).__name__}")
+    inputs, targets = batch
+    if targets.numel() == 0:
+        raise ValueError(f"{what} has no targets")
+    if isinstance(inputs, Tensor) and inputs.ndim > 0 and targets.ndim > 0 and len(inputs) != len(targets):
+        raise ValueError(f"{what}: {len(inputs)} inputs but {len(targets)} targets")
+    return inputs, targets
 
 
 class SharpnessTracker:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        data: tuple[Tensor, Tensor] | Sequence[tuple[Tensor, Tensor]],
+        loss_fn: Callable[[Any, Tensor], Tensor],
+        data: Batch | Sequence[Batch],
         *,
         chunk_size: int | None = None,
         k: int = 1,
@@ -37,17 +65,101 @@ class SharpnessTracker:
         max_iter: int = 100,
         method: str = "lanczos",
         seed: int = 0,
+        mode: str | None = None,
+        hvp_mode: str = "double-backward",
     ):
-        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-            self.objective = Objective.from_tensors(model, loss_fn, data[0], data[1], chunk_size)
-        else:
-            self.objective = Objective(model, loss_fn, list(data))
+        if mode not in MODES:
+            raise ValueError(f"mode must be None, 'train' or 'eval', got {mode!r}")
+        if hvp_mode not in HVP_MODES:
+            raise ValueError(f"unknown hvp_mode {hvp_mode!r}; choose one of {', '.join(HVP_MODES)}")
+        self.model, self.loss_fn = model, loss_fn
+        self.chunk_size = positive_int("chunk_size", chunk_size, optional=True)
+        self.mode, self.hvp_mode = mode, hvp_mode
+        self._unused: tuple[str, ...] = ()
+        self.objective = self._objective(data)
         self.solver = HessianEigensolver(k=k, method=method, tol=tol, max_iter=max_iter, seed=seed)
+        # the seeds of the readings (random layers), apart from the eigen-solver's start vectors
+        self._seeds = torch.Generator().manual_seed(seed + 0x5EED)
 
-    def measure(self, *, eta: float, rho: float = 0.0, optimizer: str = "sam", momentum: float = 0.0) -> Measurement:
-        """Sharpness, gradient norm, edges and alignments at the model's current parameters."""
-        method = Method(optimizer, eta, rho, momentum)  # validated before any work
-        params = self.objective.parameters()
-        grad = self.objective.grad(params)
-        sam_grad = method.direction(self.objective.grad, params, grad)
-        return measure(self.objective, params, grad, sam_grad, self.solver, method=method)
+    def _objective(self, data: Batch | Sequence[Batch], what: str = "data") -> Objective:
+        kw: dict[str, Any] = dict(hvp_mode=self.hvp_mode, mode=self.mode)
+        if self._unused:
+            kw["parameter_names"] = [
+                n for n, p in self.model.named_parameters() if p.requires_grad and n not in self._unused
+            ]
+        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
+            inputs, targets = _check_batch(data, what)
+            if isinstance(inputs, Tensor):
+                return Objective.from_tensors(self.model, self.loss_fn, inputs, targets, self.chunk_size, **kw)
+            return Objective(self.model, self.loss_fn, [(inputs, targets)], **kw)
+        if not isinstance(data, (list, tuple)) or not data:
+            raise ValueError(f"{what} must be (inputs, targets) or a non-empty list of such batches")
+        return Objective(
+            self.model, self.loss_fn, [_check_batch(b, f"{what} batch {i}") for i, b in enumerate(data)], **kw
+        )
+
+    def measure(
+        self,
+        method: Method | None = None,
+        *,
+        eta: float | None = None,
+        rho: float | None = None,
+        optimizer: str | torch.optim.Optimizer | None = None,
+        momentum: float | None = None,
+        batch: Batch | Sequence[Batch] | None = None,
+    ) -> Measurement:
+        """Sharpness, gradient norm, edges and alignments at the model's current parameters.
+
+        The method is ``method`` (a :class:`Method`), or ``optimizer`` ("sam", "usam", "gd"; the
+        default "sam") with ``eta``, ``rho`` and ``momentum``, or ``optimizer`` a ``samedge.SAM``
+        or ``torch.optim.SGD`` whose hyperparameters give the edge.  ``batch`` measures on that
+        data instead of the tracker's (the eigen-solver's warm start is kept).  Everything is
+        checked before any work."""
+        method = self._method(method, eta, rho, optimizer, momentum)
+        objective = self.objective if batch is None else self._objective(batch, "batch")
+        objective.seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
+        params = objective.parameters()
+        ev = objective.loss_and_grad(params)
+        assert ev.grad is not None
+        grad = ev.grad
+        if objective.unused:
+            objective, params, grad = self._leave_out(objective, params, grad)
+        sam_grad = method.direction(objective.grad, params, grad)
+        return measure(objective, params, grad, sam_grad, self.solver, method=method, check_repeat=True)
+
+    def _leave_out(self, objective: Objective, params, grad):
+        """Drop the parameters the loss does not use (said once); ``params`` and ``grad`` follow."""
+        warnings.warn(
+            f"parameters {', '.join(objective.unused)} are not used by the loss: left out of the Hessian and the "
+            "gradient",
+            stacklevel=3,
+        )
+        self._unused = self._unused + objective.unused
+        keep = [i for i, name in enumerate(objective.names) if name not in objective.unused]
+        restricted = objective.restricted([objective.names[i] for i in keep])
+        if objective is self.objective:
+            self.objective = restricted
+        return restricted, tuple(params[i] for i in keep), tuple(grad[i] for i in keep)
+
+    @staticmethod
+    def _method(
+        method: Method | None,
+        eta: float | None,
+        rho: float | None,
+        optimizer: str | torch.optim.Optimizer | None,
+        momentum: float | None,
+    ) -> Method:
+        keywords = {k: v for k, v in dict(eta=eta, rho=rho, momentum=momentum).items() if v is not None}
+        if method is not None:
+            if not isinstance(method, Method):
+                raise ValueError(f"method must be a samedge.Method, got {method!r}")
+            if keywords or optimizer is not None:
+                raise ValueError("pass either method= or optimizer/eta/rho/momentum, not both")
+            return method
+        if isinstance(optimizer, torch.optim.Optimizer):
+            if keywords:
+                raise ValueError(f"optimizer= an optimizer object gives the method; do not pass {', '.join(keywords)}")
+            return Method.from_optimizer(optimizer)
+        if eta is None:
+            raise ValueError("measure needs eta (or method=Method(...), or optimizer= a SAM or SGD optimizer)")
+        return Method(optimizer if optimizer is not None else "sam", eta, rho or 0.0, momentum or 0.0)
