@@ -36,6 +36,7 @@ class TrainState:
     elapsed: float
     finished: bool = False
     eval_solver: dict | None = None  # the evaluation batch's solver (runs with eval_batch_size)
+    spectrum: dict | None = None  # trace/density probe generators (runs with trace_every/density_every)
 
 
 def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainState) -> Path:
@@ -50,6 +51,7 @@ def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainSta
         "solver": _to_cpu(state.solver),
         "perturbed_solver": _to_cpu(state.perturbed_solver),
         "eval_solver": _to_cpu(state.eval_solver),
+        "spectrum": _to_cpu(state.spectrum),
         "elapsed": state.elapsed,
         "torch_rng": torch.get_rng_state(),
     }
@@ -119,4 +121,5 @@ def load_checkpoint(
         elapsed=float(payload["elapsed"]),
         finished=bool(payload["finished"]),
         eval_solver=place_solver(payload.get("eval_solver")),
+        spectrum=payload.get("spectrum"),
     )

@@ -42,6 +42,7 @@ from samedge.experiment.metrics import (
     write_json,
 )
 from samedge.experiment.rundir import default_run_dir, prepare_run_dir, write_run_config
+from samedge.experiment.spectrum import DensityWriter, RunSpectrum
 from samedge.experiment.tasks import Task, build_task
 
 __all__ = ["RunResult", "run"]
@@ -68,6 +69,7 @@ class _Solvers:
         self.main = solver(cfg.eig_k, cfg.seed)
         self.perturbed = solver(1, cfg.seed + 1) if cfg.measure_perturbed else None
         self.eval = solver(1, cfg.seed + 2) if task.eval_batch is not None else None
+        self.spectrum = RunSpectrum(cfg)  # trace/density probes (seeds + 3, + 4)
 
     def state(
         self, step: int, params: Params, velocity: Params | None, elapsed: float, finished: bool = False
@@ -81,6 +83,7 @@ class _Solvers:
             elapsed,
             finished,
             self.eval.state_dict() if self.eval else None,
+            self.spectrum.state_dict() if self.spectrum.enabled else None,
         )
 
     def restore(self, state: TrainState, run_dir: Path) -> None:
@@ -93,6 +96,7 @@ class _Solvers:
             if state.eval_solver is None:
                 raise CheckpointError(f"{run_dir}: the checkpoint has no evaluation-batch solver state")
             self.eval.load_state_dict(state.eval_solver)
+        self.spectrum.load_state_dict(state.spectrum, run_dir)
 
 
 def run(
@@ -124,7 +128,10 @@ def run(
         write_run_config(run_dir, cfg, data_source=task.source, n_parameters=task.n_parameters)
         state = solvers.state(0, task.train.parameters(), None, 0.0)
     solvers.restore(state, run_dir)
-    columns = base_columns(cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement, task.eval_batch is not None)
+    columns = base_columns(
+        cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement, task.eval_batch is not None, cfg.trace_every > 0
+    )
+    density_writer = DensityWriter(run_dir, state.step if resume else None) if cfg.density_every else None
     params, velocity = state.params, state.velocity
     status: dict[str, Any] = {"diverged": False, "diverged_step": None, "interrupted": False}
     if resume:
@@ -155,6 +162,11 @@ def run(
                 if step % cfg.measure_every == 0 or step == cfg.steps:
                     row, m = _measurement_row(cfg, task, method, solvers, objective, params, ev, direction)
                     row["step"] = step
+                    if cfg.trace_every:
+                        row.update(solvers.spectrum.trace_columns(objective, params, step))
+                    density = solvers.spectrum.density(objective, params, step)
+                    if density is not None and density_writer is not None:
+                        density_writer.write(step, density)
                     row["elapsed_s"] = round(time.perf_counter() - start, 3)
                     writer.write(row)
                     bar.set_postfix(loss=f"{ev.loss:.4g}", sharp=f"{m.sharpness:.4g}", edge=f"{m.edge:.4g}")
@@ -178,6 +190,8 @@ def run(
             status.update(interrupted=True, interrupted_step=at_start.step)
         finally:
             bar.close()
+            if density_writer is not None:
+                density_writer.close()
     elapsed = time.perf_counter() - start
     summary = summarize(read_metrics(run_dir / "metrics.csv"))
     summary.update(status)
