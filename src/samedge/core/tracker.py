@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from samedge.core.curvature import HessianEigensolver
 from samedge.core.measurements import Measurement, measure
 from samedge.core.method import Method
 from samedge.core.objective import Objective
+from samedge.core.spectrum import SpectralDensity, TraceEstimate, hessian_density, hessian_trace
 
 __all__ = ["SharpnessTracker"]
 
@@ -51,3 +53,22 @@ class SharpnessTracker:
         grad = self.objective.grad(params)
         sam_grad = method.direction(self.objective.grad, params, grad)
         return measure(self.objective, params, grad, sam_grad, self.solver, method=method)
+
+    # Beyond the top eigenvalue (samedge.core.spectrum): the probes come from one generator,
+    # seeded with ``seed + 3`` when first used, so a tracker's sequence of readings is reproducible.
+    def _probe_generator(self) -> torch.Generator:
+        if getattr(self, "_probes", None) is None:
+            self._probes = torch.Generator().manual_seed(self.solver.generator.initial_seed() + 3)
+        return self._probes
+
+    def trace(self, *, probes: int = 32, deflate: bool = False) -> TraceEstimate:
+        """Hutchinson trace of the Hessian at the model's current parameters, with its standard
+        error; ``deflate`` handles the span of the last :meth:`measure`'s eigenvectors exactly."""
+        params = self.objective.parameters()
+        vectors = self.solver.previous if deflate else None
+        return hessian_trace(self.objective, params, probes=probes, generator=self._probe_generator(), deflate=vectors)
+
+    def density(self, *, probes: int = 4, steps: int = 64) -> SpectralDensity:
+        """SLQ spectral density of the Hessian at the model's current parameters."""
+        params = self.objective.parameters()
+        return hessian_density(self.objective, params, probes=probes, steps=steps, generator=self._probe_generator())
