@@ -259,3 +259,88 @@ def test_default_run_has_no_spectrum_columns_or_files():
     cfg = RunConfig()
     assert cfg.trace_every == 0 and cfg.density_every == 0
     assert "trace" not in base_columns() and "trace" in base_columns(trace=True)
+
+
+# --- the flat-region check -------------------------------------------------------------------
+
+
+def _rows(sharp, trace, se, loss):
+    return [
+        {"step": 10 * i, "sharpness": s, "trace": t, "trace_stderr": e, "train_loss": lo, "test_accuracy": 0.9}
+        for i, (s, t, e, lo) in enumerate(zip(sharp, trace, se, loss))
+    ]
+
+
+def test_flatness_compare_departure_and_trace_verdict():
+    from samedge.experiment.flatness import compare
+
+    gd = _rows([2.0, 2.2, 2.6, 3.0], [60, None, 70, 80.0], [1, None, 1, 3.0], [0.1, 0.09, 0.08, 0.07])
+    sam = _rows([2.0, 2.1, 2.3, 2.4], [60, None, 65, 70.0], [1, None, 1, 4.0], [0.1, 0.095, 0.085, 0.075])
+    c = compare(gd, sam, depart=0.1)
+    # |2.1/2.2 - 1| = 0.045; |2.3/2.6 - 1| = 0.115 > 0.1: departs at step 20
+    assert c["departed_step"] == 20 and c["departed_sharpness_ratio"] == pytest.approx(2.3 / 2.6)
+    assert c["departed_sam_train_loss"] == 0.085 and c["departed_gd_train_loss"] == 0.08
+    assert c["final_sharpness_ratio"] == pytest.approx(0.8) and c["final_step"] == 30
+    # final traces 80 +- 3 vs 70 +- 4: difference 10 +- 5, exactly 2 s.e.: not (strictly) flatter
+    assert c["trace_difference"] == 10 and c["trace_difference_stderr"] == pytest.approx(5.0)
+    assert c["sam_flatter_by_trace"] is False
+    sam[-1]["trace"] = 69.0
+    assert compare(gd, sam)["sam_flatter_by_trace"] is True
+    assert compare(gd, sam, depart=0.5)["departed_step"] is None
+
+
+def test_flatness_cli_refuses_bad_input(tmp_path, capsys):
+    from samedge.experiment.cli import main
+
+    for flags, needle in (
+        (["--optimizer", "gd"], "--optimizer cannot be given to flatness"),
+        (["--rho", "0"], "'rho' must be > 0 for the flatness check"),
+        (["--depart", "1.5"], "--depart must be in (0, 1)"),
+    ):
+        assert main(["flatness", "mnist", *flags, "--out", str(tmp_path / "f")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("samedge: error:") and needle in err
+        assert not (tmp_path / "f").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    assert main(["flatness", "mnist", "--steps", "1", "--out", str(tmp_path / "busy")]) == 2
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_flatness_command_end_to_end(tmp_path, capsys):
+    import json
+
+    from samedge.experiment.cli import main
+
+    small = ["--n-train", "200", "--n-test", "100", "--width", "16", "--depth", "2", "--no-progress"]
+    out = tmp_path / "f"
+    assert (
+        main(
+            [
+                "flatness",
+                "mnist",
+                "--steps",
+                "6",
+                "--measure-every",
+                "3",
+                "--trace-probes",
+                "4",
+                *small,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    c = json.loads((out / "flatness.json").read_text())
+    assert (out / "flatness.png").exists() and (out / "gd" / "metrics.csv").exists()
+    gd_cfg = json.loads((out / "gd" / "config.json").read_text())["config"]
+    sam_cfg = json.loads((out / "sam" / "config.json").read_text())["config"]
+    assert gd_cfg["optimizer"] == "gd" and gd_cfg["rho"] == 0 and sam_cfg["optimizer"] == "sam"
+    assert gd_cfg["seed"] == sam_cfg["seed"] and gd_cfg["eta"] == sam_cfg["eta"]
+    # the same initialization: identical first rows' loss and sharpness
+    first = [open(out / n / "metrics.csv").read().split("\n")[1].split(",")[:5] for n in ("gd", "sam")]
+    assert first[0][1] == first[1][1] and first[0][4] == first[1][4]
+    assert c["trace_step"] == 6 and "by trace" in printed and c["final_step"] == 6

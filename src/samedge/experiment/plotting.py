@@ -50,6 +50,9 @@ def _save(fig, run_dir: Path, name: str) -> list[Path]:
     return paths
 
 
+save_figure = _save
+
+
 def _clip_initial_transient(ax, rows, series: list[list]) -> None:
     """Keep an initial spike from squashing the figure.  When a run starts far above its edge (the
     Transformer's sharpness at initialization is ~40x its SAM-edge), the y-axis ends a little above
