@@ -41,7 +41,11 @@ from samedge.experiment.tasks import build_task
 
 
 def _pyhessian():
-    import pyhessian.hessian as ph
+    import sys
+
+    import pyhessian  # noqa: F401  (its __init__ shadows the module name with the class)
+
+    ph = sys.modules["pyhessian.hessian"]
 
     if not hasattr(torch, "eig"):  # removed in torch 2.0; PyHessian 0.1 needs it for density()
 
