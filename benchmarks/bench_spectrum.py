@@ -47,13 +47,13 @@ def _pyhessian():
 
     ph = sys.modules["pyhessian.hessian"]
 
-    if not hasattr(torch, "eig"):  # removed in torch 2.0; PyHessian 0.1 needs it for density()
+    # torch.eig was removed in torch 2.0 (a stub that raises is left); PyHessian 0.1's density() needs it
 
-        def eig(T, eigenvectors=True):
-            w, V = torch.linalg.eigh(T)
-            return torch.stack([w, torch.zeros_like(w)], dim=1), V
+    def eig(T, eigenvectors=True):
+        w, V = torch.linalg.eigh(T)  # T is symmetric tridiagonal
+        return torch.stack([w, torch.zeros_like(w)], dim=1), V
 
-        ph.torch.eig = eig
+    ph.torch.eig = eig
     return ph.hessian
 
 
