@@ -7,6 +7,7 @@
 * :mod:`~samedge.core.objective` -- the chunked full-batch loss, gradient and exact HVP;
 * :mod:`~samedge.core.eigen` -- Lanczos, eigsh and power iteration with residuals;
 * :mod:`~samedge.core.curvature` -- the warm-started Hessian eigen-solver;
+* :mod:`~samedge.core.spectrum` -- Hutchinson trace and SLQ spectral density;
 * :mod:`~samedge.core.measurements` and :mod:`~samedge.core.tracker` -- one reading, and
   readings in a user's own loop;
 * :mod:`~samedge.core.params`, :mod:`~samedge.core.losses`, :mod:`~samedge.core.quadratic`,
@@ -20,6 +21,14 @@ from samedge.core.measurements import Measurement, measure
 from samedge.core.method import METHOD_KINDS, Method, edge_for
 from samedge.core.objective import Objective
 from samedge.core.optim import SAM, heavy_ball_update, perturbation, sam_gradient
+from samedge.core.spectrum import (
+    SpectralDensity,
+    TraceEstimate,
+    hessian_density,
+    hessian_trace,
+    hutchinson_trace,
+    slq_density,
+)
 from samedge.core.thresholds import gd_edge, momentum_edge, sam_edge, usam_edge
 from samedge.core.tracker import SharpnessTracker
 
@@ -44,4 +53,10 @@ __all__ = [
     "Measurement",
     "measure",
     "SharpnessTracker",
+    "TraceEstimate",
+    "SpectralDensity",
+    "hutchinson_trace",
+    "slq_density",
+    "hessian_trace",
+    "hessian_density",
 ]

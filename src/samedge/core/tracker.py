@@ -34,6 +34,7 @@ from samedge.core.curvature import HessianEigensolver
 from samedge.core.measurements import Measurement, measure
 from samedge.core.method import Method
 from samedge.core.objective import HVP_MODES, MODES, Objective
+from samedge.core.spectrum import SpectralDensity, TraceEstimate, hessian_density, hessian_trace
 from samedge.core.validation import positive_int
 
 __all__ = ["SharpnessTracker"]
@@ -163,3 +164,22 @@ class SharpnessTracker:
         if eta is None:
             raise ValueError("measure needs eta (or method=Method(...), or optimizer= a SAM or SGD optimizer)")
         return Method(optimizer if optimizer is not None else "sam", eta, rho or 0.0, momentum or 0.0)
+
+    # Beyond the top eigenvalue (samedge.core.spectrum): the probes come from one generator,
+    # seeded with ``seed + 3`` when first used, so a tracker's sequence of readings is reproducible.
+    def _probe_generator(self) -> torch.Generator:
+        if getattr(self, "_probes", None) is None:
+            self._probes = torch.Generator().manual_seed(self.solver.generator.initial_seed() + 3)
+        return self._probes
+
+    def trace(self, *, probes: int = 32, deflate: bool = False) -> TraceEstimate:
+        """Hutchinson trace of the Hessian at the model's current parameters, with its standard
+        error; ``deflate`` handles the span of the last :meth:`measure`'s eigenvectors exactly."""
+        params = self.objective.parameters()
+        vectors = self.solver.previous if deflate else None
+        return hessian_trace(self.objective, params, probes=probes, generator=self._probe_generator(), deflate=vectors)
+
+    def density(self, *, probes: int = 4, steps: int = 64) -> SpectralDensity:
+        """SLQ spectral density of the Hessian at the model's current parameters."""
+        params = self.objective.parameters()
+        return hessian_density(self.objective, params, probes=probes, steps=steps, generator=self._probe_generator())

@@ -37,6 +37,7 @@ class TrainState:
     finished: bool = False
     eval_solver: dict | None = None  # the evaluation batch's solver (runs with eval_batch_size)
     secant: dict | None = None  # the per-step secant estimate's pairs (runs with secant_pairs > 0)
+    spectrum: dict | None = None  # trace/density probe generators (runs with trace_every/density_every)
 
 
 def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainState) -> Path:
@@ -52,6 +53,7 @@ def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainSta
         "perturbed_solver": _to_cpu(state.perturbed_solver),
         "eval_solver": _to_cpu(state.eval_solver),
         "secant": _tensors_to(state.secant, device="cpu"),
+        "spectrum": _to_cpu(state.spectrum),
         "elapsed": state.elapsed,
         "torch_rng": torch.get_rng_state(),
     }
@@ -133,6 +135,7 @@ def load_checkpoint(
         finished=bool(payload["finished"]),
         eval_solver=place_solver(payload.get("eval_solver")),
         secant=_place_secant(payload.get("secant"), device, dtype),
+        spectrum=payload.get("spectrum"),
     )
 
 

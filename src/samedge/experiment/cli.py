@@ -39,6 +39,12 @@ _HELP = {
     "eig_tol": "relative residual at which an eigen-solve stops",
     "eig_max_iter": "most HVPs (Lanczos steps) per eigen-solve",
     "measure_perturbed": "also measure the sharpness at SAM's ascent point w + e",
+    "trace_every": "Hutchinson Hessian trace every N steps (a multiple of --measure-every; 0: off)",
+    "trace_probes": "Rademacher probes per trace (its standard error falls as 1/sqrt)",
+    "density_every": "SLQ Hessian spectral density every N steps (a multiple of --measure-every; 0: off)",
+    "density_probes": "random start vectors per spectral density",
+    "density_steps": "Lanczos steps per density probe",
+    "measure_test": "also evaluate the test set at every measurement (test_loss, test_accuracy columns)",
     "hvp_mode": "double-backward or forward-over-reverse (same numbers)",
     "data": "data directory or file (default: the data embedded for the task)",
     "n_train": "number of training examples",
@@ -89,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-plots", action="store_true", help="do not draw figures at the end")
     _add_config_flags(run)
 
+    flat = sub.add_parser(
+        "flatness", help="GD and SAM at the same eta from the same initialization: sharpness, trace, test error"
+    )
+    flat.add_argument("task", help=f"one of {', '.join(TASKS)}")
+    flat.add_argument("--config", help="TOML file with settings (flags override it)")
+    flat.add_argument("--preset", help=f"named settings: {', '.join(preset_names())}")
+    flat.add_argument("--out", help="output directory (default: runs/flatness-<task>-eta..-rho..-seed..)")
+    flat.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    flat.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flat.add_argument("--depart", type=float, default=0.1, help="relative sharpness difference counted as departed")
+    _add_config_flags(flat)
+
     plot = sub.add_parser("plot", help="draw the figures of a run directory from its metrics")
     plot.add_argument("run_dir")
 
@@ -132,6 +150,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.summary.get("interrupted"):
         return EXIT_INTERRUPTED
     return EXIT_DIVERGED if result.diverged else EXIT_OK
+
+
+def _cmd_flatness(args: argparse.Namespace) -> int:
+    from samedge.experiment.flatness import flatness
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "task"}
+    if overrides.get("optimizer") is not None:
+        raise ConfigError("--optimizer cannot be given to flatness: it runs gd and sam")
+    if not 0 < args.depart < 1:
+        raise ConfigError(f"--depart must be in (0, 1), got {args.depart}")
+    cfg = build_config(args.task, preset=args.preset, config_file=args.config, overrides=overrides)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / f"flatness-{cfg.task}-eta{cfg.eta:g}-rho{cfg.rho:g}-seed{cfg.seed}"
+    )
+    _, lines = flatness(cfg, out, overwrite=args.overwrite, progress=not args.no_progress, depart=args.depart)
+    print(f"output: {out} (gd/, sam/, flatness.json, flatness.png)")
+    for line in lines:
+        print(line)
+    return EXIT_OK
 
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
@@ -212,6 +251,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 #: subcommand -> handler(args) -> exit code
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
+    "flatness": _cmd_flatness,
     "plot": _cmd_plot,
     "edge": _cmd_edge,
     "download": _cmd_download,

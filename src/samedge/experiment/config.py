@@ -57,6 +57,12 @@ class RunConfig:
     eig_max_iter: int = 100
     measure_perturbed: bool = False
     hvp_mode: str = "double-backward"
+    trace_every: int = 0  # Hutchinson trace every N steps (a multiple of measure_every; 0: off)
+    trace_probes: int = 32
+    density_every: int = 0  # SLQ spectral density every N steps (a multiple of measure_every; 0: off)
+    density_probes: int = 4
+    density_steps: int = 64  # Lanczos steps per density probe
+    measure_test: bool = False  # also evaluate the test set at every measurement
     checkpoint_every: int = 100  # steps; 0: only at the end (and on Ctrl-C)
     secant_pairs: int | None = (
         None  # per-step secant sharpness from the last N pairs (steps.csv); None: by kind; 0: off
@@ -124,6 +130,11 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "measure_every": (1, math.inf, True),
     "checkpoint_every": (0, math.inf, True),
     "secant_pairs": (0, 1000, True),
+    "trace_every": (0, math.inf, True),
+    "trace_probes": (2, math.inf, True),
+    "density_every": (0, math.inf, True),
+    "density_probes": (1, math.inf, True),
+    "density_steps": (1, math.inf, True),
     "eig_k": (1, 64, True),
     "eig_tol": (0.0, 1.0, False),
     "eig_max_iter": (1, 100000, True),
@@ -182,6 +193,13 @@ def _validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"config field '{name}' must be {_describe(lo, hi, inclusive)}, got {value!r}")
     if cfg.eig_method in ONE_EIGENPAIR_METHODS and cfg.eig_k != 1:
         raise ConfigError(f"config field 'eig_k' must be 1 with eig_method {cfg.eig_method!r}, got {cfg.eig_k}")
+    for name in ("trace_every", "density_every"):
+        every = getattr(cfg, name)
+        if isinstance(every, int) and every > 0 and every % cfg.measure_every:
+            raise ConfigError(
+                f"config field '{name}' ({every}) must be a multiple of measure_every ({cfg.measure_every}): "
+                "the trace and density are taken at measurements"
+            )
     if cfg.eval_batch_size and cfg.batch_size is None:
         raise ConfigError(
             "config field 'eval_batch_size' needs 'batch_size' (minibatch training); "

@@ -46,7 +46,11 @@ EVAL_COLUMNS = [
 
 
 def base_columns(
-    eig_k: int = 1, measure_perturbed: bool = False, test_each_measurement: bool = False, eval_batch: bool = False
+    eig_k: int = 1,
+    measure_perturbed: bool = False,
+    test_each_measurement: bool = False,
+    eval_batch: bool = False,
+    trace: bool = False,
 ) -> list[str]:
     cols = ["step", "train_loss", "train_accuracy", "grad_norm", "sharpness"]
     cols += [f"lambda_{i}" for i in range(2, eig_k + 1)]
@@ -57,6 +61,8 @@ def base_columns(
         cols += ["test_loss", "test_accuracy"]
     if eval_batch:
         cols += EVAL_COLUMNS
+    if trace:
+        cols += ["trace", "trace_stderr", "trace_hvps"]
     cols += ["eig_residual", "eig_converged", "hvps", "elapsed_s"]
     return cols
 
@@ -204,7 +210,9 @@ def summarize(rows: list[dict[str, float | None]], *, fraction: float = EDGE_REA
         summary["final_train_accuracy"] = last["train_accuracy"]
         summary["final_sharpness"] = last["sharpness"]
         summary["final_edge"] = last["sam_edge"]
-        summary["total_hvps"] = int(sum((r["hvps"] or 0) + (r.get("eval_hvps") or 0) for r in rows))
+        summary["total_hvps"] = int(
+            sum((r["hvps"] or 0) + (r.get("eval_hvps") or 0) + (r.get("trace_hvps") or 0) for r in rows)
+        )
         summary["all_eigensolves_converged"] = all(
             r["eig_converged"] == 1 and r.get("eval_eig_converged", 1) == 1 for r in rows
         )

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -18,8 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from samedge.core.method import Method  # noqa: E402
 from samedge.errors import ConfigError, RunDirError  # noqa: E402
 from samedge.experiment.metrics import edge_reached_index, read_metrics  # noqa: E402
+from samedge.experiment.spectrum import DENSITY_FILE, read_density  # noqa: E402
 
-__all__ = ["plot_run", "FIGURES"]
+__all__ = ["plot_run", "plot_density", "FIGURES"]
 
 FIGURES = ("sharpness", "sharpness_vs_edge", "alignment", "loss", "grad_norm")
 
@@ -59,6 +61,9 @@ def _save(fig, run_dir: Path, name: str) -> list[Path]:
         fig.savefig(p, dpi=150)
     plt.close(fig)
     return paths
+
+
+save_figure = _save
 
 
 def _clip_initial_transient(ax, rows, series: list[list]) -> None:
@@ -214,4 +219,60 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.set_ylabel(r"$\|g\|$")
     ax.set_title(title)
     written += _save(fig, run_dir, "grad_norm")
+    if "trace" in rows[0]:
+        written += _plot_trace(run_dir, rows, title)
+    if (run_dir / DENSITY_FILE).exists():
+        written += plot_density(run_dir, title)
     return written
+
+
+def _plot_trace(run_dir: Path, rows, title: str) -> list[Path]:
+    traced = [r for r in rows if r.get("trace") is not None]
+    if not traced:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    steps = [r["step"] for r in traced]
+    ax.errorbar(
+        steps,
+        _column(traced, "trace"),
+        yerr=[2 * (s or 0) for s in _column(traced, "trace_stderr")],
+        color="tab:red",
+        capsize=2,
+        label=r"tr$(H)$ (Hutchinson, $\pm 2$ s.e.)",
+    )
+    ax.set_xlabel("step")
+    ax.set_ylabel("Hessian trace")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, run_dir, "trace")
+
+
+def plot_density(run_dir: str | Path, title: str = "") -> list[Path]:
+    """``density.png/.pdf``: the SLQ spectral density of each reading in ``density.csv``,
+    Gaussian-smoothed (width 1% of the eigenvalue range), on a log scale as Ghorbani et al."""
+    run_dir = Path(run_dir)
+    readings = read_density(run_dir / DENSITY_FILE)
+    if not readings:
+        return []
+    lo = min(float(n.min()) for n, _ in readings.values())
+    hi = max(float(n.max()) for n, _ in readings.values())
+    pad = 0.05 * (hi - lo) if hi > lo else 1.0
+    grid = np.linspace(lo - pad, hi + pad, 2000)
+    sigma = 0.01 * (hi - lo) if hi > lo else 0.01
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    cmap = plt.get_cmap("viridis")
+    steps = sorted(readings)
+    peak = 0.0
+    for i, step in enumerate(steps):
+        nodes, weights = readings[step]
+        z = (grid[:, None] - nodes[None, :]) / sigma
+        dens = (np.exp(-0.5 * z**2) @ weights) / (sigma * np.sqrt(2 * np.pi))
+        peak = max(peak, float(dens.max()))
+        ax.plot(grid, dens, color=cmap(i / max(len(steps) - 1, 1)), lw=1, label=f"step {step}")
+    ax.set_yscale("log")
+    ax.set_ylim(1e-5 * peak, 2 * peak)
+    ax.set_xlabel("Hessian eigenvalue")
+    ax.set_ylabel("density (SLQ, smoothed)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2 if len(steps) > 6 else 1)
+    return _save(fig, run_dir, "density")

@@ -45,6 +45,7 @@ from samedge.experiment.metrics import (
     write_json,
 )
 from samedge.experiment.rundir import default_run_dir, prepare_run_dir, write_run_config
+from samedge.experiment.spectrum import DensityWriter, RunSpectrum
 from samedge.experiment.tasks import Task, build_task
 
 __all__ = ["RunResult", "run", "STEPS_NAME"]
@@ -73,6 +74,7 @@ class _Solvers:
         self.main = solver(cfg.eig_k, cfg.seed)
         self.perturbed = solver(1, cfg.seed + 1) if cfg.measure_perturbed else None
         self.eval = solver(1, cfg.seed + 2) if task.eval_batch is not None else None
+        self.spectrum = RunSpectrum(cfg)  # trace/density probes (seeds + 3, + 4)
 
     def state(
         self,
@@ -93,6 +95,7 @@ class _Solvers:
             finished,
             self.eval.state_dict() if self.eval else None,
             secants.state_dict() if secants is not None else None,
+            self.spectrum.state_dict() if self.spectrum.enabled else None,
         )
 
     def restore(self, state: TrainState, run_dir: Path) -> None:
@@ -105,6 +108,7 @@ class _Solvers:
             if state.eval_solver is None:
                 raise CheckpointError(f"{run_dir}: the checkpoint has no evaluation-batch solver state")
             self.eval.load_state_dict(state.eval_solver)
+        self.spectrum.load_state_dict(state.spectrum, run_dir)
 
 
 def run(
@@ -140,7 +144,10 @@ def run(
     solvers.restore(state, run_dir)
     if secants is not None and state.secant is not None:  # a checkpoint from before steps.csv starts empty
         secants.load_state_dict(state.secant)
-    columns = base_columns(cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement, task.eval_batch is not None)
+    columns = base_columns(
+        cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement, task.eval_batch is not None, cfg.trace_every > 0
+    )
+    density_writer = DensityWriter(run_dir, state.step if resume else None) if cfg.density_every else None
     params, velocity = state.params, state.velocity
     status: dict[str, Any] = {"diverged": False, "diverged_step": None, "interrupted": False}
     if resume:
@@ -180,6 +187,11 @@ def run(
                 if step % cfg.measure_every == 0 or step == cfg.steps:
                     row, m = _measurement_row(cfg, task, method, solvers, objective, params, ev, direction)
                     row["step"] = step
+                    if cfg.trace_every:
+                        row.update(solvers.spectrum.trace_columns(objective, params, step))
+                    density = solvers.spectrum.density(objective, params, step)
+                    if density is not None and density_writer is not None:
+                        density_writer.write(step, density)
                     row["elapsed_s"] = round(time.perf_counter() - start, 3)
                     writer.write(row)
                     bar.set_postfix(loss=f"{ev.loss:.4g}", sharp=f"{m.sharpness:.4g}", edge=f"{m.edge:.4g}")
@@ -206,6 +218,8 @@ def run(
             if steps_writer is not None:
                 steps_writer.sync()
                 steps_writer.close()
+            if density_writer is not None:
+                density_writer.close()
     elapsed = time.perf_counter() - start
     summary = summarize(read_metrics(run_dir / "metrics.csv"))
     summary.update(status)

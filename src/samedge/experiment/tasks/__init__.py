@@ -135,4 +135,7 @@ def build_task(cfg: RunConfig) -> Task:
         builder = TASK_BUILDERS[cfg.task]
     except KeyError:
         raise ConfigError(f"task {cfg.task!r} is not available yet; choose one of {', '.join(TASK_BUILDERS)}") from None
-    return builder(cfg)
+    task = builder(cfg)
+    if cfg.measure_test:
+        task.test_every_measurement = True
+    return task
