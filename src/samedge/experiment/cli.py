@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 2 bad input (any :class:`~samedge.errors.BadInput`: arguments, config,
 data, checkpoint, run directory), as one line on stderr ``samedge: error: ...``; 3 the run
-diverged; 130 interrupted.  Any other exception is a bug of samedge's: it propagates with its
-traceback (exit 1), never reported as bad input.
+diverged; 4 the environment refused (an ``OSError``: no permission, a full disk, a missing or
+unreadable path), as one line naming the path; 130 interrupted.  Any other exception is a bug of
+samedge's: it propagates with its traceback (exit 1), never reported as bad input.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from samedge.experiment.config import TASKS, RunConfig, build_config, preset_nam
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 
 _HELP = {
     "optimizer": "gd, sam or usam",
@@ -216,6 +217,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _describe_os_error(err: OSError) -> str:
+    what = err.strerror or str(err) or type(err).__name__
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{what}: {' -> '.join(paths)}" if paths else what
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -227,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as err:
         print(f"samedge: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as err:  # the machine refused: permissions, a full disk, a vanished path
+        print(f"samedge: error: {_describe_os_error(err)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("samedge: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -36,12 +36,13 @@ from samedge.experiment.config import RunConfig
 from samedge.experiment.metrics import (
     MetricsWriter,
     base_columns,
+    expected_steps,
     read_metrics,
+    restore_metrics,
     summarize,
-    truncate_metrics,
-    write_json,
+    write_summary,
 )
-from samedge.experiment.rundir import default_run_dir, prepare_run_dir, write_run_config
+from samedge.experiment.rundir import create_run_dir, default_run_dir, lock_run_dir, write_run_config
 from samedge.experiment.tasks import Task, build_task
 
 __all__ = ["RunResult", "run"]
@@ -109,19 +110,51 @@ def run(
     and checkpoints.  With ``resume``, continue from ``run_dir``'s checkpoint.
 
     ``on_step(t)``, if given, is called at every step ``t < steps`` after its measurement and
-    before its update; a ``KeyboardInterrupt`` raised there is handled as Ctrl-C is."""
+    before its update; a ``KeyboardInterrupt`` raised there is handled as Ctrl-C is.
+
+    The run holds ``run_dir``'s lock (:mod:`~samedge.experiment.rundir`) from before its first
+    write to its end: a second run or resume of the directory is refused meanwhile."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     task = task if task is not None else build_task(cfg)  # data errors surface before anything is written
+    if resume:
+        lock = lock_run_dir(run_dir)
+    else:
+
+        def setup(directory: Path) -> None:
+            write_run_config(directory, cfg, data_source=task.source, n_parameters=task.n_parameters)
+
+        lock = create_run_dir(run_dir, overwrite, setup=setup)
+    with lock:  # this process is the run directory's only writer until the run ends
+        return _run(cfg, run_dir, task, progress=progress, resume=resume, on_step=on_step)
+
+
+def _note(message: str) -> None:
+    print(f"samedge: note: {message}", file=sys.stderr)
+
+
+def _run(
+    cfg: RunConfig,
+    run_dir: Path,
+    task: Task,
+    *,
+    progress: bool,
+    resume: bool,
+    on_step: Callable[[int], None] | None,
+) -> RunResult:
     method = cfg.method()
     solvers = _Solvers(cfg, task)
+    metrics_path = run_dir / "metrics.csv"
     if resume:
         state = load_checkpoint(
             run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
         )
-        truncate_metrics(run_dir / "metrics.csv", state.step)
+        if state.note:
+            _note(state.note)
+        expected = expected_steps(state.step, cfg.steps, cfg.measure_every)
+        restored = restore_metrics(metrics_path, state.step, state.metrics, expected)
+        if restored:
+            _note(restored)
     else:
-        prepare_run_dir(run_dir, overwrite)
-        write_run_config(run_dir, cfg, data_source=task.source, n_parameters=task.n_parameters)
         state = solvers.state(0, task.train.parameters(), None, 0.0)
     solvers.restore(state, run_dir)
     columns = base_columns(cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement, task.eval_batch is not None)
@@ -137,7 +170,11 @@ def run(
 
     bar = _progress_bar(cfg.steps, progress and not state.finished, initial=min(state.step, cfg.steps))
     at_start = last_good = boundary(state.step, state.finished)
-    with MetricsWriter(run_dir / "metrics.csv", columns) as writer:
+    with MetricsWriter(metrics_path, columns) as writer:
+
+        def checkpoint(at: TrainState) -> None:
+            save_checkpoint(run_dir, saved_config, at, metrics=writer.rows_before(at.step))
+
         try:
             for step in range(state.step, cfg.steps + 1) if not state.finished else ():
                 at_start = boundary(step)
@@ -162,7 +199,7 @@ def run(
                         status.update(diverged=True, diverged_step=step, reason="non-finite sharpness")
                         break
                 if step == cfg.steps:
-                    save_checkpoint(run_dir, saved_config, boundary(step + 1, finished=True))
+                    checkpoint(boundary(step + 1, finished=True))
                     break
                 if on_step is not None:
                     on_step(step)
@@ -171,24 +208,26 @@ def run(
                 bar.update(1)
                 # 5. a checkpoint every checkpoint_every steps
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                    save_checkpoint(run_dir, saved_config, boundary(step + 1))
+                    checkpoint(boundary(step + 1))
         except KeyboardInterrupt:
-            save_checkpoint(run_dir, saved_config, at_start)
+            checkpoint(at_start)
             params = at_start.params
             status.update(interrupted=True, interrupted_step=at_start.step)
         finally:
             bar.close()
+        if status["diverged"]:
+            checkpoint(last_good)
     elapsed = time.perf_counter() - start
-    summary = summarize(read_metrics(run_dir / "metrics.csv"))
+    summary = summarize(read_metrics(metrics_path))
     summary.update(status)
     if status["diverged"]:
-        save_checkpoint(run_dir, saved_config, last_good)
         summary["last_good_step"] = last_good.step
     else:
         test = task.test.evaluate(params)
         summary.update(test_loss=test.loss, test_accuracy=test.accuracy, test_error=1.0 - test.accuracy)
     summary["elapsed_s"] = elapsed
-    write_json(run_dir / "summary.json", summary)
+    if not write_summary(run_dir / "summary.json", summary):
+        _note(f"kept {run_dir / 'summary.json'}: it was computed from more rows than metrics.csv now holds")
     return RunResult(run_dir, summary)
 
 
