@@ -10,30 +10,12 @@ Two layers (the direction is checked by an import-linter contract in ``pyproject
   the core never imports it.
 
 :mod:`samedge.data` and :mod:`samedge.models` hold the data sets and the paper's models.
-The public library API is importable from here.
+The public library API is importable from here; the core (and so torch) is imported on first
+use of one of its names, so that the command line can answer some things before torch loads.
 """
 
 __version__ = "0.2.0"
 
-from samedge.core import (
-    SAM,
-    EigenResult,
-    HessianEigensolver,
-    Measurement,
-    Method,
-    Objective,
-    SharpnessTracker,
-    edge_for,
-    gd_edge,
-    heavy_ball_update,
-    hessian_eigenpairs,
-    lanczos,
-    momentum_edge,
-    perturbation,
-    sam_edge,
-    sam_gradient,
-    usam_edge,
-)
 from samedge.errors import BadInput
 
 __all__ = [
@@ -57,3 +39,38 @@ __all__ = [
     "SharpnessTracker",
     "BadInput",
 ]
+
+
+_CORE_NAMES = frozenset(
+    {
+        "SAM",
+        "EigenResult",
+        "HessianEigensolver",
+        "Measurement",
+        "Method",
+        "Objective",
+        "SharpnessTracker",
+        "edge_for",
+        "gd_edge",
+        "heavy_ball_update",
+        "hessian_eigenpairs",
+        "lanczos",
+        "momentum_edge",
+        "perturbation",
+        "sam_edge",
+        "sam_gradient",
+        "usam_edge",
+    }
+)
+
+
+def __getattr__(name: str):  # PEP 562: the core's names, imported on first use
+    if name in _CORE_NAMES:
+        import samedge.core
+
+        return getattr(samedge.core, name)
+    raise AttributeError(f"module 'samedge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _CORE_NAMES)

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from samedge.errors import BadInput, ConfigError
-from samedge.experiment.config import TASKS, RunConfig, build_config, preset_names
+
+# samedge.experiment.config (and with it torch, seconds to import) is imported inside the functions
+# that need it, so that Ctrl-C during that import is an interrupt like any other and a locked run
+# directory is refused before it (:func:`_refuse_locked_early`).
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -60,6 +63,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from samedge.experiment.config import RunConfig
+
     for f in fields(RunConfig):
         if f.name == "task":
             continue
@@ -74,6 +79,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from samedge.experiment.config import TASKS, preset_names
+
     parser = _Parser(prog="samedge", description="GD and SAM at the edge of stability.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from samedge.experiment.config import TASKS, RunConfig, build_config
     from samedge.experiment.plotting import plot_run
     from samedge.experiment.rundir import default_run_dir, load_run_config
     from samedge.experiment.runner import run
@@ -223,13 +231,30 @@ def _describe_os_error(err: OSError) -> str:
     return f"{what}: {' -> '.join(paths)}" if paths else what
 
 
+def _refuse_locked_early(argv: Sequence[str]) -> None:
+    """``run --resume DIR`` or ``run --out DIR`` on a directory another process is writing is
+    refused before torch is imported (the runner takes the lock itself; this only answers sooner)."""
+    from samedge.experiment.lock import check_unlocked
+
+    if not argv or argv[0] != "run":
+        return
+    for i, arg in enumerate(argv):
+        for flag in ("--resume", "--out"):
+            if arg == flag and i + 1 < len(argv):
+                check_unlocked(argv[i + 1])
+            elif arg.startswith(flag + "="):
+                check_unlocked(arg[len(flag) + 1 :])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as stop:  # argparse: --help (0) or a usage error (2, message already printed)
-        return int(stop.code or 0)
-    handler = COMMANDS[args.command]
-    try:
+        _refuse_locked_early(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as stop:  # argparse: --help (0) or a usage error (2, message already printed)
+            return int(stop.code or 0)
+        handler = COMMANDS[args.command]
         return handler(args)
     except BadInput as err:
         print(f"samedge: error: {err}", file=sys.stderr)

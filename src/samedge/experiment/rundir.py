@@ -39,6 +39,7 @@ from typing import Any
 from samedge import __version__
 from samedge.errors import CheckpointError, RunDirError
 from samedge.experiment.config import RunConfig, from_mapping
+from samedge.experiment.lock import LOCK_NAME, RunLock, check_unlocked
 from samedge.experiment.metrics import write_json
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "prepare_run_dir",
     "create_run_dir",
     "lock_run_dir",
+    "check_unlocked",
     "RunLock",
     "foreign_entries",
     "write_run_config",
@@ -58,7 +60,6 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config.json"
-LOCK_NAME = "run.lock"
 #: What samedge writes into a run directory (shell patterns); ``overwrite`` deletes nothing else.
 RUN_FILES: list[str] = [
     CONFIG_NAME,
@@ -83,52 +84,6 @@ def default_run_dir(cfg: RunConfig) -> Path:
     if cfg.method().perturbs:
         tag += f"-rho{cfg.rho:g}"
     return Path("runs") / f"{tag}-seed{cfg.seed}"
-
-
-class RunLock:
-    """An exclusive lock on a run directory's ``run.lock`` (``fcntl.flock``), held until
-    :meth:`release` or the end of the process.  The file holds the holder's process id
-    (``record_pid=False``: left as it is, for a lock that must not change an old run's files).
-
-    ``fcntl`` directly rather than the ``filelock`` package: ``filelock`` opens the lock file with
-    ``O_TRUNC``, so a refused contender would erase the holder's pid that the refusal names."""
-
-    def __init__(self, directory: Path, *, record_pid: bool = True):
-        import fcntl
-
-        self._fd: int | None = None
-        self.directory = directory
-        path = directory / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise RunDirError(
-                f"{directory} is in use by another samedge process (pid {holder}); one run writes a run directory at a time"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        if record_pid:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def __del__(self) -> None:
-        self.release()
 
 
 def lock_run_dir(path: str | Path) -> RunLock:

@@ -42,7 +42,13 @@ from samedge.experiment.metrics import (
     summarize,
     write_summary,
 )
-from samedge.experiment.rundir import create_run_dir, default_run_dir, lock_run_dir, write_run_config
+from samedge.experiment.rundir import (
+    check_unlocked,
+    create_run_dir,
+    default_run_dir,
+    lock_run_dir,
+    write_run_config,
+)
 from samedge.experiment.tasks import Task, build_task
 
 __all__ = ["RunResult", "run"]
@@ -115,13 +121,22 @@ def run(
     The run holds ``run_dir``'s lock (:mod:`~samedge.experiment.rundir`) from before its first
     write to its end: a second run or resume of the directory is refused meanwhile."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    task = task if task is not None else build_task(cfg)  # data errors surface before anything is written
+    # A directory another process is writing is refused at once, before the data are read.
     if resume:
         lock = lock_run_dir(run_dir)
     else:
+        check_unlocked(run_dir)
+    try:
+        task = task if task is not None else build_task(cfg)  # data errors surface before anything is written
+    except BaseException:
+        if resume:
+            lock.release()
+        raise
+    if not resume:
+        built = task
 
         def setup(directory: Path) -> None:
-            write_run_config(directory, cfg, data_source=task.source, n_parameters=task.n_parameters)
+            write_run_config(directory, cfg, data_source=built.source, n_parameters=built.n_parameters)
 
         lock = create_run_dir(run_dir, overwrite, setup=setup)
     with lock:  # this process is the run directory's only writer until the run ends
