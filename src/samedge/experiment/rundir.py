@@ -124,7 +124,9 @@ def _check_replaceable(path: Path) -> None:
     foreign = foreign_entries(path)
     if foreign:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
-        raise RunDirError(f"{path} is not only a samedge run directory (it holds {shown}); refusing to overwrite it")
+        raise RunDirError(
+            f"{path} is not a samedge run directory: it holds {shown}, which samedge does not write; refusing to overwrite it"
+        )
     if not (path / CONFIG_NAME).is_file():
         raise RunDirError(f"{path} is not a samedge run directory (no config.json); refusing to overwrite it")
     try:
