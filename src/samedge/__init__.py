@@ -10,41 +10,18 @@ Two layers (the direction is checked by an import-linter contract in ``pyproject
   the core never imports it.
 
 :mod:`samedge.data` and :mod:`samedge.models` hold the data sets and the paper's models.
-The public library API is importable from here.
+The public library API is importable from here; the core (and so torch) is imported on first
+use of one of its names, so that the command line can answer some things before torch loads.
 """
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.2.0"
 
-from samedge.core import (
-    SAM,
-    EigenResult,
-    HessianEigensolver,
-    Measurement,
-    Method,
-    Objective,
-    SharpnessTracker,
-    SpectralDensity,
-    SummedLoss,
-    TraceEstimate,
-    edge_for,
-    gd_edge,
-    heavy_ball_update,
-    hessian_density,
-    hessian_eigenpairs,
-    hessian_trace,
-    hutchinson_trace,
-    lanczos,
-    momentum_edge,
-    perturbation,
-    sam_edge,
-    sam_gradient,
-    slq_density,
-    usam_edge,
-)
 from samedge.errors import BadInput
 
-__all__ = [
-    "__version__",
+#: The library API (from :mod:`samedge.core`), imported on first use.
+_CORE_NAMES = (
     "Method",
     "gd_edge",
     "momentum_edge",
@@ -65,9 +42,50 @@ __all__ = [
     "SharpnessTracker",
     "TraceEstimate",
     "SpectralDensity",
-    "hutchinson_trace",
-    "slq_density",
     "hessian_trace",
     "hessian_density",
-    "BadInput",
-]
+    "hutchinson_trace",
+    "slq_density",
+)
+
+__all__ = ["__version__", "BadInput", *_CORE_NAMES]
+
+if TYPE_CHECKING:  # the names as static type checkers see them
+    from samedge.core import (
+        SAM,
+        EigenResult,
+        HessianEigensolver,
+        Measurement,
+        Method,
+        Objective,
+        SharpnessTracker,
+        SpectralDensity,
+        SummedLoss,
+        TraceEstimate,
+        edge_for,
+        gd_edge,
+        heavy_ball_update,
+        hessian_density,
+        hessian_eigenpairs,
+        hessian_trace,
+        hutchinson_trace,
+        lanczos,
+        momentum_edge,
+        perturbation,
+        sam_edge,
+        sam_gradient,
+        slq_density,
+        usam_edge,
+    )
+
+
+def __getattr__(name: str):  # PEP 562: the core's names, imported on first use
+    if name in _CORE_NAMES:
+        import samedge.core
+
+        return getattr(samedge.core, name)
+    raise AttributeError(f"module 'samedge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_CORE_NAMES))

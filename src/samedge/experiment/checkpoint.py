@@ -2,13 +2,23 @@
 
 A checkpoint is taken at a step boundary: ``step`` is the next step to run, ``params`` and
 ``velocity`` are ``w_step`` and the heavy-ball buffer, the eigen-solvers' warm-start vectors and
-generator states are as they were when that step would start.  The data order needs no state:
-minibatches are a pure function of (seed, step).  Files are written atomically (temporary file,
-fsync, rename), so a crash while saving leaves the previous checkpoint intact.
+generator states are as they were when that step would start, and ``metrics`` is the text of
+``metrics.csv`` before that step (so a resume can check and restore the file).  The data order
+needs no state: minibatches are a pure function of (seed, step).
+
+Verified and kept: each checkpoint records a SHA-256 digest of its whole content (every tensor's
+bytes, every value), checked on load, so flipped bits are caught whatever ``torch.load`` makes of
+them.  Files are written atomically (temporary file, fsync, rename); the checkpoint being replaced
+is kept as ``checkpoint.prev.pt``.  A resume whose ``checkpoint.pt`` fails its check (or is
+missing after a crash between the two renames) falls back to ``checkpoint.prev.pt`` and moves the
+damaged file aside, never overwriting it; with no good checkpoint it is refused, and nothing is
+changed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -19,11 +29,23 @@ import torch
 
 from samedge.core.params import Params
 from samedge.errors import CheckpointError
+from samedge.experiment.metrics import named
 
-__all__ = ["TrainState", "CheckpointError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
+__all__ = [
+    "TrainState",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "content_digest",
+    "CHECKPOINT_NAME",
+    "PREVIOUS_NAME",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-_FORMAT = 1
+PREVIOUS_NAME = "checkpoint.prev.pt"
+_FORMAT = 2  # 2: with "digest" and "metrics"; 1 (earlier samedge): neither, still resumable
+_REQUIRED = ("config", "step", "finished", "params", "velocity", "solver", "perturbed_solver", "elapsed", "torch_rng")
 
 
 @dataclass
@@ -36,11 +58,48 @@ class TrainState:
     elapsed: float
     finished: bool = False
     eval_solver: dict | None = None  # the evaluation batch's solver (runs with eval_batch_size)
+    metrics: str | None = None  # metrics.csv before ``step`` (None: a checkpoint of an earlier samedge)
     secant: dict | None = None  # the per-step secant estimate's pairs (runs with secant_pairs > 0)
     spectrum: dict | None = None  # trace/density probe generators (runs with trace_every/density_every)
+    steps: str | None = None  # steps.csv before ``step`` (None: none written, or an earlier samedge)
+    note: str | None = None  # what loading had to do (a fallback to the previous checkpoint)
 
 
-def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainState) -> Path:
+def content_digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content: tensors by dtype, shape and bytes; other values by type
+    and ``repr``; dictionaries in key order."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for key in sorted(obj, key=str):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}:".encode())
+        for item in obj:
+            _feed(h, item)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    config: dict[str, Any],
+    state: TrainState,
+    *,
+    metrics: str | None = None,
+    steps: str | None = None,
+) -> Path:
+    """Write ``checkpoint.pt`` (with its digest), keeping the one it replaces as ``checkpoint.prev.pt``."""
     path = Path(run_dir) / CHECKPOINT_NAME
     payload = {
         "format": _FORMAT,
@@ -52,19 +111,31 @@ def save_checkpoint(run_dir: str | Path, config: dict[str, Any], state: TrainSta
         "solver": _to_cpu(state.solver),
         "perturbed_solver": _to_cpu(state.perturbed_solver),
         "eval_solver": _to_cpu(state.eval_solver),
-        "secant": _tensors_to(state.secant, device="cpu"),
-        "spectrum": _to_cpu(state.spectrum),
         "elapsed": state.elapsed,
         "torch_rng": torch.get_rng_state(),
+        "metrics": metrics if metrics is not None else state.metrics,
+        "steps": steps if steps is not None else state.steps,
+        "secant": _tensors_to(state.secant, device="cpu"),
+        "spectrum": _to_cpu(state.spectrum),
     }
+    payload["digest"] = content_digest(payload)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
+    # The new file is complete on disk before the old one moves: a crash between the two renames
+    # leaves checkpoint.prev.pt (and the temporary file), and a resume falls back to the former.
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, path.with_name(PREVIOUS_NAME))
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise named(err, tmp) from None
     return path
 
 
@@ -85,20 +156,76 @@ def _to_cpu(state: dict | None) -> dict | None:
     return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file's payload, verified: :class:`CheckpointError` saying ``corrupted`` when it
+    cannot be read, lacks what a checkpoint holds, or its content does not match its digest."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path} is corrupted or not a samedge checkpoint ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") not in (1, _FORMAT):
+        raise CheckpointError(f"{path} is corrupted or not a samedge checkpoint (unknown format)")
+    missing = [k for k in _REQUIRED if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is corrupted: it has no {missing[0]!r}")
+    if payload["format"] == _FORMAT:
+        digest = payload.pop("digest", None)
+        if digest != content_digest(payload):
+            raise CheckpointError(f"{path} is corrupted: its content does not match its SHA-256 digest")
+    if not isinstance(payload["config"], dict) or not isinstance(payload["params"], (list, tuple)):
+        raise CheckpointError(f"{path} is corrupted: 'config' or 'params' has the wrong type")
+    return payload
+
+
+def _set_aside(path: Path) -> Path:
+    """Move a damaged checkpoint out of the way without overwriting anything."""
+    n = 0
+    while True:
+        target = path.with_name(f"{path.name}.corrupt" + (f".{n}" if n else ""))
+        if not target.exists():
+            os.rename(path, target)
+            return target
+        n += 1
+
+
 def load_checkpoint(
     run_dir: str | Path, config: dict[str, Any], like: Params, *, device: torch.device | str = "cpu"
 ) -> TrainState:
-    """Load and check a checkpoint against the run's configuration and parameter shapes."""
-    path = Path(run_dir) / CHECKPOINT_NAME
-    if not path.exists():
-        raise CheckpointError(f"{run_dir} has no {CHECKPOINT_NAME} to resume from")
+    """Load and check a checkpoint against the run's configuration and parameter shapes.
+
+    ``checkpoint.pt`` if it passes its check, else ``checkpoint.prev.pt`` (the damaged file is
+    moved to ``checkpoint.pt.corrupt``; :attr:`TrainState.note` says so).  With neither, a
+    :class:`CheckpointError` and nothing changed."""
+    run_dir = Path(run_dir)
+    path, previous = run_dir / CHECKPOINT_NAME, run_dir / PREVIOUS_NAME
+    note = None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path} is corrupted or not a samedge checkpoint ({type(err).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise CheckpointError(f"{path} is not a samedge checkpoint of format {_FORMAT}")
-    saved = payload.get("config", {})
+        payload = read_checkpoint(path)
+    except (CheckpointError, FileNotFoundError) as err:
+        problem = str(err) if isinstance(err, CheckpointError) else f"{run_dir} has no {CHECKPOINT_NAME}"
+        try:
+            payload = read_checkpoint(previous)
+        except FileNotFoundError:
+            if isinstance(err, FileNotFoundError):
+                raise CheckpointError(f"{run_dir} has no {CHECKPOINT_NAME} to resume from") from None
+            raise CheckpointError(f"{problem}, and there is no {PREVIOUS_NAME} to fall back to") from None
+        except CheckpointError as prev_err:
+            raise CheckpointError(f"{problem}; the previous one is no better: {prev_err}") from None
+        state = _state(previous, payload, config, like, device)
+        if path.exists():
+            aside = _set_aside(path)
+            note = f"{problem}; kept it as {aside.name} and resumed from {PREVIOUS_NAME} (step {state.step})"
+        else:
+            note = f"{problem}; resumed from {PREVIOUS_NAME} (step {state.step})"
+        state.note = note
+        return state
+    return _state(path, payload, config, like, device)
+
+
+def _state(path: Path, payload: dict, config: dict[str, Any], like: Params, device) -> TrainState:
+    saved = payload["config"]
     # A setting the checkpoint does not record was added to samedge after it was written; such
     # settings are added with defaults that keep the old behaviour, and the run's config (read
     # through RunConfig) holds that default, so only recorded settings are compared.
@@ -109,7 +236,9 @@ def load_checkpoint(
             f"{path} was written with {k} = {saved.get(k)!r}, but the run's config.json has {config.get(k)!r}"
         )
     params = payload["params"]
-    if len(params) != len(like) or any(p.shape != q.shape for p, q in zip(params, like)):
+    if len(params) != len(like) or any(
+        not isinstance(p, torch.Tensor) or p.shape != q.shape for p, q in zip(params, like)
+    ):
         raise CheckpointError(f"{path}: parameter shapes do not match the model built from the configuration")
     dtype = like[0].dtype
 
@@ -124,6 +253,7 @@ def load_checkpoint(
     solver = place_solver(payload["solver"])
     if solver is None:
         raise CheckpointError(f"{path} has no eigen-solver state")
+    metrics, steps = payload.get("metrics"), payload.get("steps")
     torch.set_rng_state(payload["torch_rng"])
     return TrainState(
         step=int(payload["step"]),
@@ -134,8 +264,10 @@ def load_checkpoint(
         elapsed=float(payload["elapsed"]),
         finished=bool(payload["finished"]),
         eval_solver=place_solver(payload.get("eval_solver")),
+        metrics=metrics if isinstance(metrics, str) else None,
         secant=_place_secant(payload.get("secant"), device, dtype),
         spectrum=payload.get("spectrum"),
+        steps=steps if isinstance(steps, str) else None,
     )
 
 

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 2 bad input (any :class:`~samedge.errors.BadInput`: arguments, config,
 data, checkpoint, run directory), as one line on stderr ``samedge: error: ...``; 3 the run
-diverged; 130 interrupted.  Any other exception is a bug of samedge's: it propagates with its
-traceback (exit 1), never reported as bad input.
+diverged; 4 the environment refused (an ``OSError``: no permission, a full disk, a missing or
+unreadable path), as one line naming the path; 130 interrupted.  Any other exception is a bug of
+samedge's: it propagates with its traceback (exit 1), never reported as bad input.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from samedge.errors import BadInput, ConfigError
-from samedge.experiment.config import TASKS, RunConfig, build_config, preset_names
+
+# samedge.experiment.config (and with it torch, seconds to import) is imported inside the functions
+# that need it, so that Ctrl-C during that import is an interrupt like any other and a locked run
+# directory is refused before it (:func:`_refuse_locked_early`).
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 
 _HELP = {
     "optimizer": "gd, sam or usam",
@@ -67,6 +71,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from samedge.experiment.config import RunConfig
+
     for f in fields(RunConfig):
         if f.name == "task":
             continue
@@ -81,6 +87,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from samedge.experiment.config import TASKS, preset_names
+
     parser = _Parser(prog="samedge", description="GD and SAM at the edge of stability.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -124,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from samedge.experiment.config import TASKS, RunConfig, build_config
     from samedge.experiment.plotting import plot_run
     from samedge.experiment.rundir import default_run_dir, load_run_config
     from samedge.experiment.runner import run
@@ -153,6 +162,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_flatness(args: argparse.Namespace) -> int:
+    from samedge.experiment.config import RunConfig, build_config
     from samedge.experiment.flatness import flatness
 
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "task"}
@@ -258,17 +268,43 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _describe_os_error(err: OSError) -> str:
+    what = err.strerror or str(err) or type(err).__name__
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{what}: {' -> '.join(paths)}" if paths else what
+
+
+def _refuse_locked_early(argv: Sequence[str]) -> None:
+    """``run --resume DIR`` or ``run --out DIR`` on a directory another process is writing is
+    refused before torch is imported (the runner takes the lock itself; this only answers sooner)."""
+    from samedge.experiment.lock import check_unlocked
+
+    if not argv or argv[0] != "run":
+        return
+    for i, arg in enumerate(argv):
+        for flag in ("--resume", "--out"):
+            if arg == flag and i + 1 < len(argv):
+                check_unlocked(argv[i + 1])
+            elif arg.startswith(flag + "="):
+                check_unlocked(arg[len(flag) + 1 :])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as stop:  # argparse: --help (0) or a usage error (2, message already printed)
-        return int(stop.code or 0)
-    handler = COMMANDS[args.command]
-    try:
+        _refuse_locked_early(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as stop:  # argparse: --help (0) or a usage error (2, message already printed)
+            return int(stop.code or 0)
+        handler = COMMANDS[args.command]
         return handler(args)
     except BadInput as err:
         print(f"samedge: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as err:  # the machine refused: permissions, a full disk, a vanished path
+        print(f"samedge: error: {_describe_os_error(err)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("samedge: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -29,6 +29,11 @@ from samedge.models.mlp import ACTIVATIONS
 
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "cuda", "auto")
+# (smallest normal, largest finite) of each dtype: torch.finfo's values
+_DTYPE_LIMITS = {
+    "float32": (1.1754943508222875e-38, 3.4028234663852886e38),
+    "float64": (2.2250738585072014e-308, 1.7976931348623157e308),
+}
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -191,6 +196,15 @@ def _validate(cfg: RunConfig) -> None:
             ok = (value >= lo if inclusive else value > lo) and (value < hi if hi == 1.0 else value <= hi)
             if not ok:
                 raise ConfigError(f"config field '{name}' must be {_describe(lo, hi, inclusive)}, got {value!r}")
+    # Settings that the run's dtype cannot hold would overflow to inf (or vanish) in its tensors.
+    tiny, huge = _DTYPE_LIMITS[cfg.dtype]
+    for name in ("eta", "rho"):
+        value = getattr(cfg, name)
+        if value > huge or 0 < value < tiny:
+            raise ConfigError(
+                f"config field '{name}' = {value!r} cannot be represented in {cfg.dtype} "
+                f"(normal numbers {tiny:.4g} to {huge:.4g}); use dtype float64 or another value"
+            )
     if cfg.eig_method in ONE_EIGENPAIR_METHODS and cfg.eig_k != 1:
         raise ConfigError(f"config field 'eig_k' must be 1 with eig_method {cfg.eig_method!r}, got {cfg.eig_k}")
     for name in ("trace_every", "density_every"):

@@ -2,11 +2,14 @@
 
 Rows are appended and flushed to disk one at a time, so a run killed at any moment leaves a
 parseable file that lacks at most the row being written.  :func:`read_metrics` drops such a
-partial last line.
+partial last line.  Each checkpoint carries the file's text up to its step, so a resume restores
+a missing, cut or damaged ``metrics.csv`` exactly (:func:`restore_metrics`); ``summary.json`` is
+never replaced by one computed from fewer rows (:func:`write_summary`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,7 +27,12 @@ __all__ = [
     "base_columns",
     "MetricsWriter",
     "truncate_metrics",
+    "metrics_prefix",
+    "restore_metrics",
+    "expected_steps",
     "read_metrics",
+    "write_summary",
+    "atomic_write",
     "summarize",
     "edge_reached_index",
     "write_json",
@@ -92,23 +100,44 @@ class MetricsWriter:
         self.path = Path(path)
         self.columns = list(columns)
         self.fsync_each_row = fsync_each_row
-        new = not self.path.exists() or self.path.stat().st_size == 0
+        existing = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        self._pieces = [existing] if existing else []  # the file's text so far, in pieces
         self._file = open(self.path, "a", encoding="utf-8", newline="")
-        if new:
+        if not existing:
             self._write_line(self.columns)
+
+    @property
+    def text(self) -> str:
+        """The file's text so far (checkpoints carry its rows before their step)."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     def _write_line(self, values: Iterable[str]) -> None:
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(values)
-        self._file.write(buf.getvalue())
-        self._file.flush()
-        if self.fsync_each_row:
-            os.fsync(self._file.fileno())
+        try:
+            self._file.write(buf.getvalue())
+            self._file.flush()
+            if self.fsync_each_row:
+                os.fsync(self._file.fileno())
+        except OSError as err:
+            raise named(err, self.path) from None
+        self._pieces.append(buf.getvalue())
 
     def sync(self) -> None:
         """Force the rows written so far to disk."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            raise named(err, self.path) from None
+
+    def rows_before(self, step: int) -> str:
+        """The header and the rows with ``step`` below ``step``, as text."""
+        prefix = metrics_prefix(self.text, step)
+        assert prefix is not None, "the writer's own text is well formed"
+        return prefix
 
     def write(self, row: dict[str, Any]) -> None:
         missing = [c for c in self.columns if c not in row]
@@ -219,28 +248,130 @@ def summarize(rows: list[dict[str, float | None]], *, fraction: float = EDGE_REA
     return summary
 
 
+def metrics_prefix(text: str, before_step: float) -> str | None:
+    """The header and the complete rows of ``text`` with ``step < before_step``; None if the text
+    has no header or a complete row whose step cannot be read or whose field count is wrong."""
+    lines = text.split("\n")[:-1]  # the piece after the last newline is partial
+    if not lines or not lines[0]:
+        return None
+    width = len(next(csv.reader(lines[:1])))
+    kept = lines[:1]
+    for line in lines[1:]:
+        fields = next(csv.reader([line]), [])
+        try:
+            step = float(fields[0])
+        except (ValueError, IndexError):
+            return None
+        if len(fields) != width:
+            return None
+        if step < before_step:
+            kept.append(line)
+    return "".join(line + "\n" for line in kept)
+
+
+def _steps(text: str) -> list[int]:
+    return [int(float(line.split(",", 1)[0])) for line in text.split("\n")[1:-1]]
+
+
+def expected_steps(before_step: int, steps: int, measure_every: int) -> list[int]:
+    """The measured steps below ``before_step`` of a run of ``steps`` steps."""
+    return [t for t in range(min(before_step, steps + 1)) if t % measure_every == 0 or t == steps]
+
+
+def restore_metrics(path: Path, before_step: int, saved: str | None, expected: list[int]) -> str | None:
+    """Make ``path`` hold exactly the rows a resume from ``before_step`` continues from.
+
+    ``saved`` is the text the checkpoint carries (None for a checkpoint of an earlier samedge).
+    Rows at and after ``before_step`` are dropped; if the rows before it are missing, cut or
+    differ from ``saved``, the file is rewritten from ``saved``.  Without ``saved``, rows that do
+    not cover the ``expected`` steps cannot be restored: :class:`RunDirError` names the missing
+    steps and nothing is changed.  Returns a note for the user when the file was rebuilt."""
+    text = None
+    with contextlib.suppress(FileNotFoundError, UnicodeDecodeError):
+        text = path.read_text(encoding="utf-8")
+    prefix = None if text is None else metrics_prefix(text, before_step)
+    if saved is not None and prefix != saved:
+        atomic_write(path, saved.encode("utf-8"))
+        what = "is missing" if text is None else "does not match the checkpoint (cut or damaged)"
+        return f"{path} {what}: restored its {len(_steps(saved))} rows before step {before_step} from the checkpoint"
+    if prefix is None and text is None and not expected:
+        return None  # nothing measured yet: the writer starts the file
+    if prefix is None:
+        what = "is missing" if text is None else "is damaged"
+        raise RunDirError(
+            f"{path} {what} and the checkpoint (from an earlier samedge) does not carry its rows; "
+            f"steps {_ranges(expected)} cannot be restored"
+        )
+    missing = sorted(set(expected) - set(_steps(prefix)))
+    if missing:
+        raise RunDirError(
+            f"{path} lacks the rows of steps {_ranges(missing)} and the checkpoint (from an earlier samedge) "
+            "does not carry them; nothing was changed"
+        )
+    if prefix != text:
+        atomic_write(path, prefix.encode("utf-8"))
+    return None
+
+
+def _ranges(steps: list[int]) -> str:
+    if not steps:
+        return "(none)"
+    return f"{steps[0]}-{steps[-1]}" if len(steps) > 2 else ", ".join(map(str, steps))
+
+
 def truncate_metrics(path: Path, before_step: int) -> None:
     """Keep the header and the complete rows with ``step < before_step`` (atomically)."""
     if not path.exists():
         return
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")[:-1]  # the piece after the last newline is partial
-    kept = lines[:1] + [ln for ln in lines[1:] if ln and float(ln.split(",", 1)[0]) < before_step]
+    prefix = metrics_prefix(path.read_text(encoding="utf-8"), before_step)
+    if prefix is None:
+        raise RunDirError(f"{path} is damaged (a row without a readable step or with the wrong number of fields)")
+    atomic_write(path, prefix.encode("utf-8"))
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file beside it, fsync, rename, fsync of
+    the directory.  On any failure (a full disk, no permission) the temporary file is removed and
+    ``path`` is as it was."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(ln + "\n" for ln in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise named(err, tmp) from None
+    with contextlib.suppress(OSError):  # not every file system lets a directory be fsynced
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def named(err: BaseException, path: Path) -> BaseException:
+    """``err`` with ``path`` as its file name if it is an ``OSError`` without one (a failed
+    ``write`` such as a full disk does not say which file it was writing)."""
+    if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+        return type(err)(err.errno, err.strerror or str(err), str(path))
+    return err
+
+
+def write_summary(path: str | Path, summary: dict[str, Any]) -> bool:
+    """Write ``summary.json`` unless the one there was computed from more rows (returns False then)."""
+    path = Path(path)
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        old = json.loads(path.read_text(encoding="utf-8")).get("measurements")
+        if isinstance(old, int) and old > int(summary.get("measurements", 0)):
+            return False
+    write_json(path, summary)
+    return True
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False, allow_nan=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n").encode("utf-8"))

@@ -98,9 +98,15 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     rows = read_metrics(run_dir / "metrics.csv")
     if not rows:
         raise RunDirError(f"{run_dir / 'metrics.csv'} has no measurements yet")
-    cfg = {}
+    cfg: dict = {}
     if (run_dir / "config.json").exists():
-        cfg = json.loads((run_dir / "config.json").read_text()).get("config", {})
+        try:
+            saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            saved = None
+        if not isinstance(saved, dict) or not isinstance(saved.get("config", {}), dict):
+            raise RunDirError(f"{run_dir / 'config.json'} is damaged or not samedge's (no 'config' object)")
+        cfg = saved.get("config", {})
     method = _method(cfg)
     title = f"{cfg.get('task', '')} {method.kind.upper()}  eta={method.eta:g}" + (
         f"  rho={method.rho:g}" if method.perturbs else ""

@@ -39,12 +39,19 @@ from samedge.experiment.metrics import (
     STEP_COLUMNS,
     MetricsWriter,
     base_columns,
+    expected_steps,
     read_metrics,
+    restore_metrics,
     summarize,
-    truncate_metrics,
-    write_json,
+    write_summary,
 )
-from samedge.experiment.rundir import default_run_dir, prepare_run_dir, write_run_config
+from samedge.experiment.rundir import (
+    check_unlocked,
+    create_run_dir,
+    default_run_dir,
+    lock_run_dir,
+    write_run_config,
+)
 from samedge.experiment.spectrum import DensityWriter, RunSpectrum
 from samedge.experiment.tasks import Task, build_task
 
@@ -94,8 +101,8 @@ class _Solvers:
             elapsed,
             finished,
             self.eval.state_dict() if self.eval else None,
-            secants.state_dict() if secants is not None else None,
-            self.spectrum.state_dict() if self.spectrum.enabled else None,
+            secant=secants.state_dict() if secants is not None else None,
+            spectrum=self.spectrum.state_dict() if self.spectrum.enabled else None,
         )
 
     def restore(self, state: TrainState, run_dir: Path) -> None:
@@ -125,21 +132,65 @@ def run(
     and checkpoints.  With ``resume``, continue from ``run_dir``'s checkpoint.
 
     ``on_step(t)``, if given, is called at every step ``t < steps`` after its measurement and
-    before its update; a ``KeyboardInterrupt`` raised there is handled as Ctrl-C is."""
+    before its update; a ``KeyboardInterrupt`` raised there is handled as Ctrl-C is.
+
+    The run holds ``run_dir``'s lock (:mod:`~samedge.experiment.rundir`) from before its first
+    write to its end: a second run or resume of the directory is refused meanwhile."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    task = task if task is not None else build_task(cfg)  # data errors surface before anything is written
+    # A directory another process is writing is refused at once, before the data are read.
+    if resume:
+        lock = lock_run_dir(run_dir)
+    else:
+        check_unlocked(run_dir)
+    try:
+        task = task if task is not None else build_task(cfg)  # data errors surface before anything is written
+    except BaseException:
+        if resume:
+            lock.release()
+        raise
+    if not resume:
+        built = task
+
+        def setup(directory: Path) -> None:
+            write_run_config(directory, cfg, data_source=built.source, n_parameters=built.n_parameters)
+
+        lock = create_run_dir(run_dir, overwrite, setup=setup)
+    with lock:  # this process is the run directory's only writer until the run ends
+        return _run(cfg, run_dir, task, progress=progress, resume=resume, on_step=on_step)
+
+
+def _note(message: str) -> None:
+    print(f"samedge: note: {message}", file=sys.stderr)
+
+
+def _run(
+    cfg: RunConfig,
+    run_dir: Path,
+    task: Task,
+    *,
+    progress: bool,
+    resume: bool,
+    on_step: Callable[[int], None] | None,
+) -> RunResult:
     method = cfg.method()
     solvers = _Solvers(cfg, task)
     secants = StepSecants(method, cfg.secant_pairs) if cfg.secant_pairs != 0 else None
+    metrics_path, steps_path = run_dir / "metrics.csv", run_dir / STEPS_NAME
     if resume:
         state = load_checkpoint(
             run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
         )
-        truncate_metrics(run_dir / "metrics.csv", state.step)
-        truncate_metrics(run_dir / STEPS_NAME, state.step)
+        if state.note:
+            _note(state.note)
+        expected = expected_steps(state.step, cfg.steps, cfg.measure_every)
+        restored = restore_metrics(metrics_path, state.step, state.metrics, expected)
+        if restored:
+            _note(restored)
+        if secants is not None:  # steps.csv: a row for every step before the checkpoint's
+            restored = restore_metrics(steps_path, state.step, state.steps, list(range(state.step)))
+            if restored:
+                _note(restored)
     else:
-        prepare_run_dir(run_dir, overwrite)
-        write_run_config(run_dir, cfg, data_source=task.source, n_parameters=task.n_parameters)
         state = solvers.state(0, task.train.parameters(), None, 0.0)
     solvers.restore(state, run_dir)
     if secants is not None and state.secant is not None:  # a checkpoint from before steps.csv starts empty
@@ -158,15 +209,18 @@ def run(
     def boundary(step: int, finished: bool = False) -> TrainState:
         return solvers.state(step, params, velocity, time.perf_counter() - start, finished, secants)
 
-    def checkpoint(state: TrainState) -> None:
-        if steps_writer is not None:
-            steps_writer.sync()  # the rows a checkpoint vouches for are on disk before it
-        save_checkpoint(run_dir, saved_config, state)
-
     bar = _progress_bar(cfg.steps, progress and not state.finished, initial=min(state.step, cfg.steps))
     at_start = last_good = boundary(state.step, state.finished)
-    steps_writer = MetricsWriter(run_dir / STEPS_NAME, STEP_COLUMNS, fsync_each_row=False) if secants else None
-    with MetricsWriter(run_dir / "metrics.csv", columns) as writer:
+    steps_writer = MetricsWriter(steps_path, STEP_COLUMNS, fsync_each_row=False) if secants else None
+    with MetricsWriter(metrics_path, columns) as writer:
+
+        def checkpoint(at: TrainState) -> None:
+            steps = None
+            if steps_writer is not None:
+                steps_writer.sync()  # the rows a checkpoint vouches for are on disk before it
+                steps = steps_writer.rows_before(at.step)
+            save_checkpoint(run_dir, saved_config, at, metrics=writer.rows_before(at.step), steps=steps)
+
         try:
             for step in range(state.step, cfg.steps + 1) if not state.finished else ():
                 at_start = boundary(step)
@@ -215,23 +269,24 @@ def run(
             status.update(interrupted=True, interrupted_step=at_start.step)
         finally:
             bar.close()
-            if steps_writer is not None:
-                steps_writer.sync()
-                steps_writer.close()
-            if density_writer is not None:
-                density_writer.close()
+        if status["diverged"]:
+            checkpoint(last_good)
+        if steps_writer is not None:
+            steps_writer.sync()
+            steps_writer.close()
+        if density_writer is not None:
+            density_writer.close()
     elapsed = time.perf_counter() - start
-    summary = summarize(read_metrics(run_dir / "metrics.csv"))
+    summary = summarize(read_metrics(metrics_path))
     summary.update(status)
     if status["diverged"]:
-        save_checkpoint(run_dir, saved_config, last_good)
-        truncate_metrics(run_dir / STEPS_NAME, last_good.step + 1)
         summary["last_good_step"] = last_good.step
     else:
         test = task.test.evaluate(params)
         summary.update(test_loss=test.loss, test_accuracy=test.accuracy, test_error=1.0 - test.accuracy)
     summary["elapsed_s"] = elapsed
-    write_json(run_dir / "summary.json", summary)
+    if not write_summary(run_dir / "summary.json", summary):
+        _note(f"kept {run_dir / 'summary.json'}: it was computed from more rows than metrics.csv now holds")
     return RunResult(run_dir, summary)
 
 
