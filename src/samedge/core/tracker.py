@@ -13,10 +13,12 @@ warm-started from the previous call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
 from samedge.core.curvature import HessianEigensolver
+from samedge.core.distributed import ShardedObjective
 from samedge.core.measurements import Measurement, measure
 from samedge.core.method import Method
 from samedge.core.objective import Objective
@@ -37,11 +39,15 @@ class SharpnessTracker:
         max_iter: int = 100,
         method: str = "lanczos",
         seed: int = 0,
+        distributed: bool = False,
+        process_group: Any = None,
     ):
         if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
             self.objective = Objective.from_tensors(model, loss_fn, data[0], data[1], chunk_size)
         else:
             self.objective = Objective(model, loss_fn, list(data))
+        if distributed:
+            self.objective = ShardedObjective(self.objective, group=process_group)
         self.solver = HessianEigensolver(k=k, method=method, tol=tol, max_iter=max_iter, seed=seed)
 
     def measure(self, *, eta: float, rho: float = 0.0, optimizer: str = "sam", momentum: float = 0.0) -> Measurement:

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 2 bad input (any :class:`~samedge.errors.BadInput`: arguments, config,
 data, checkpoint, run directory), as one line on stderr ``samedge: error: ...``; 3 the run
-diverged; 130 interrupted.  Any other exception is a bug of samedge's: it propagates with its
+diverged; 4 a worker process of a run over many processes died (``--nproc``); 130 interrupted.  Any other exception is a bug of samedge's: it propagates with its
 traceback (exit 1), never reported as bad input.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from samedge.errors import BadInput, ConfigError
+from samedge.experiment import distributed
 from samedge.experiment.config import TASKS, RunConfig, build_config, preset_names
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-plots", action="store_true", help="do not draw figures at the end")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="full batch over N local processes (torch.distributed: gloo on CPU, NCCL with one GPU each "
+        "on cuda); also with --resume",
+    )
     _add_config_flags(run)
 
     plot = sub.add_parser("plot", help="draw the figures of a run directory from its metrics")
@@ -123,13 +131,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"name a task ({', '.join(TASKS)}) or give --resume RUN_DIR")
         cfg = build_config(args.task, preset=args.preset, config_file=args.config, overrides=overrides)
         out = Path(args.out) if args.out else default_run_dir(cfg)
-    result = run(cfg, out, overwrite=args.overwrite, progress=not args.no_progress, resume=bool(args.resume))
+    nproc = _check_nproc(args.nproc, cfg)
+    if nproc > 1 and distributed.env_world_size() == 1:  # the launcher: start and watch the workers
+        return distributed.launch(nproc, args.argv, out)
+    with distributed.session(cfg.device):
+        result = run(cfg, out, overwrite=args.overwrite, progress=not args.no_progress, resume=bool(args.resume))
+        if not distributed.is_writer():
+            return EXIT_DIVERGED if result.diverged else EXIT_INTERRUPTED if result.summary.get("interrupted") else 0
     if not args.no_plots and result.summary.get("measurements"):
         plot_run(out)
     _report(result.summary, out)
     if result.summary.get("interrupted"):
         return EXIT_INTERRUPTED
     return EXIT_DIVERGED if result.diverged else EXIT_OK
+
+
+def _check_nproc(nproc: int | None, cfg: RunConfig) -> int:
+    """The number of processes asked for (1 without ``--nproc``), checked against the data sizes
+    and against a ``torchrun`` world this process may already be in."""
+    world = distributed.env_world_size()
+    if nproc is None:
+        return world
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    if world > 1 and nproc != world:
+        raise ConfigError(f"--nproc {nproc} differs from the WORLD_SIZE {world} this process was started in")
+    for name in ("n_train", "batch_size", "eval_batch_size"):
+        value = getattr(cfg, name)
+        if value and value < nproc:
+            raise ConfigError(f"config field '{name}' ({value}) is below --nproc {nproc}: every process needs examples")
+    return nproc
 
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
@@ -221,11 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse: --help (0) or a usage error (2, message already printed)
         return int(stop.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the workers of --nproc
     handler = COMMANDS[args.command]
     try:
         return handler(args)
     except BadInput as err:
-        print(f"samedge: error: {err}", file=sys.stderr)
+        if distributed.is_writer():  # over many processes every rank raises it; rank 0 says it
+            print(f"samedge: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("samedge: interrupted", file=sys.stderr)

@@ -31,6 +31,7 @@ from samedge.core.method import Method
 from samedge.core.objective import Evaluation, Objective
 from samedge.core.params import Params, norm
 from samedge.errors import CheckpointError
+from samedge.experiment import distributed
 from samedge.experiment.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from samedge.experiment.config import RunConfig
 from samedge.experiment.metrics import (
@@ -114,14 +115,24 @@ def run(
     task = task if task is not None else build_task(cfg)  # data errors surface before anything is written
     method = cfg.method()
     solvers = _Solvers(cfg, task)
+    # over many processes (torch.distributed), every rank runs this loop on the same values and
+    # only rank 0 writes files
+    writer = distributed.is_writer()
+    dist_info = distributed.provenance()
+    save = save_checkpoint if writer else _no_save
     if resume:
         state = load_checkpoint(
             run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
         )
-        truncate_metrics(run_dir / "metrics.csv", state.step)
+        if writer:
+            truncate_metrics(run_dir / "metrics.csv", state.step)
     else:
-        prepare_run_dir(run_dir, overwrite)
-        write_run_config(run_dir, cfg, data_source=task.source, n_parameters=task.n_parameters)
+
+        def create() -> None:
+            prepare_run_dir(run_dir, overwrite)
+            write_run_config(run_dir, cfg, data_source=task.source, n_parameters=task.n_parameters, extra=dist_info)
+
+        distributed.on_rank0(create)
         state = solvers.state(0, task.train.parameters(), None, 0.0)
     solvers.restore(state, run_dir)
     columns = base_columns(cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement, task.eval_batch is not None)
@@ -135,9 +146,9 @@ def run(
     def boundary(step: int, finished: bool = False) -> TrainState:
         return solvers.state(step, params, velocity, time.perf_counter() - start, finished)
 
-    bar = _progress_bar(cfg.steps, progress and not state.finished, initial=min(state.step, cfg.steps))
+    bar = _progress_bar(cfg.steps, progress and writer and not state.finished, initial=min(state.step, cfg.steps))
     at_start = last_good = boundary(state.step, state.finished)
-    with MetricsWriter(run_dir / "metrics.csv", columns) as writer:
+    with MetricsWriter(run_dir / "metrics.csv", columns) if writer else _NoWriter() as rows:
         try:
             for step in range(state.step, cfg.steps + 1) if not state.finished else ():
                 at_start = boundary(step)
@@ -156,13 +167,13 @@ def run(
                     row, m = _measurement_row(cfg, task, method, solvers, objective, params, ev, direction)
                     row["step"] = step
                     row["elapsed_s"] = round(time.perf_counter() - start, 3)
-                    writer.write(row)
+                    rows.write(row)
                     bar.set_postfix(loss=f"{ev.loss:.4g}", sharp=f"{m.sharpness:.4g}", edge=f"{m.edge:.4g}")
                     if not math.isfinite(m.sharpness):
                         status.update(diverged=True, diverged_step=step, reason="non-finite sharpness")
                         break
                 if step == cfg.steps:
-                    save_checkpoint(run_dir, saved_config, boundary(step + 1, finished=True))
+                    save(run_dir, saved_config, boundary(step + 1, finished=True))
                     break
                 if on_step is not None:
                     on_step(step)
@@ -171,24 +182,26 @@ def run(
                 bar.update(1)
                 # 5. a checkpoint every checkpoint_every steps
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                    save_checkpoint(run_dir, saved_config, boundary(step + 1))
+                    save(run_dir, saved_config, boundary(step + 1))
         except KeyboardInterrupt:
-            save_checkpoint(run_dir, saved_config, at_start)
+            save(run_dir, saved_config, at_start)
             params = at_start.params
             status.update(interrupted=True, interrupted_step=at_start.step)
         finally:
             bar.close()
     elapsed = time.perf_counter() - start
-    summary = summarize(read_metrics(run_dir / "metrics.csv"))
+    summary = summarize(read_metrics(run_dir / "metrics.csv")) if writer else {}
     summary.update(status)
+    summary.update(dist_info)
     if status["diverged"]:
-        save_checkpoint(run_dir, saved_config, last_good)
+        save(run_dir, saved_config, last_good)
         summary["last_good_step"] = last_good.step
     else:
         test = task.test.evaluate(params)
         summary.update(test_loss=test.loss, test_accuracy=test.accuracy, test_error=1.0 - test.accuracy)
     summary["elapsed_s"] = elapsed
-    write_json(run_dir / "summary.json", summary)
+    if writer:
+        write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir, summary)
 
 
@@ -259,6 +272,20 @@ def _row(ev: Evaluation, m: Measurement, eig_k: int) -> dict[str, Any]:
     for i in range(2, eig_k + 1):
         row[f"lambda_{i}"] = m.eigenvalues[i - 1] if len(m.eigenvalues) >= i else None
     return row
+
+
+def _no_save(*args: Any) -> None:
+    """Ranks other than 0 write no checkpoints."""
+
+
+class _NoWriter:
+    """Ranks other than 0 write no metrics."""
+
+    def write(self, row: dict[str, Any]) -> None: ...
+    def __enter__(self) -> _NoWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None: ...
 
 
 class _NoBar:
