@@ -107,10 +107,13 @@ def test_two_processes_equal_one_process(two_processes, dtype, rtol):
     ranks = [torch.load(two_processes / f"{str(dtype)[6:]}-rank{r}.pt") for r in range(2)]
     assert [r["shard"].tolist() for r in ranks] == [[0, 19, 37], [19, 37, 37]]  # unequal shards
     for key, expected in one.items():
+        # a finite-difference HVP divides the rounding of two gradients by 2 eps = 2e-3: in float32
+        # that alone is ~1e-4 relative, whatever the number of processes
+        tol = 1e-3 if key == "fd_hvp" and dtype == torch.float32 else rtol
         for rank in ranks:
             got = rank[key]
             scale = float(expected.abs().max())
-            assert float((got - expected).abs().max()) <= rtol * scale, (key, got, expected)
+            assert float((got - expected).abs().max()) <= tol * scale, (key, got, expected)
     # every rank holds the same parameters, bit for bit
     assert torch.equal(ranks[0]["sam_params"], ranks[1]["sam_params"])
     # the HVP against a dense Hessian in float64 (independent of the objective code)
@@ -195,7 +198,7 @@ def test_killed_worker_ends_the_run_and_resume_with_another_n_continues(tmp_path
                     stderr=subprocess.PIPE, text=True)  # fmt: skip
     metrics = out / "metrics.csv"
     deadline = time.monotonic() + 240
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.05)
     workers = _children(proc.pid)
