@@ -5,6 +5,7 @@
 * :mod:`~samedge.core.optim` -- SAM/USAM/heavy-ball steps on parameter tuples and the ``SAM``
   torch optimizer;
 * :mod:`~samedge.core.objective` -- the chunked full-batch loss, gradient and exact HVP;
+* :mod:`~samedge.core.distributed` -- the same objective sharded over ``torch.distributed`` ranks;
 * :mod:`~samedge.core.eigen` -- Lanczos, eigsh and power iteration with residuals;
 * :mod:`~samedge.core.curvature` -- the warm-started Hessian eigen-solver;
 * :mod:`~samedge.core.spectrum` -- Hutchinson trace and SLQ spectral density;
@@ -15,6 +16,7 @@
 """
 
 from samedge.core.curvature import HessianEigensolver, hessian_eigenpairs
+from samedge.core.distributed import ShardedObjective
 from samedge.core.eigen import EigenResult, lanczos
 from samedge.core.losses import SummedLoss
 from samedge.core.measurements import Measurement, measure
@@ -42,6 +44,7 @@ __all__ = [
     "edge_for",
     "Objective",
     "SummedLoss",
+    "ShardedObjective",
     "EigenResult",
     "lanczos",
     "HessianEigensolver",

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from samedge.core.curvature import HessianEigensolver
+from samedge.core.distributed import ShardedObjective
 from samedge.core.measurements import Measurement, measure
 from samedge.core.method import Method
 from samedge.core.objective import HVP_MODES, MODES, Objective
@@ -68,6 +69,8 @@ class SharpnessTracker:
         seed: int = 0,
         mode: str | None = None,
         hvp_mode: str = "double-backward",
+        distributed: bool = False,
+        process_group: Any = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be None, 'train' or 'eval', got {mode!r}")
@@ -77,6 +80,8 @@ class SharpnessTracker:
         self.chunk_size = positive_int("chunk_size", chunk_size, optional=True)
         self.mode, self.hvp_mode = mode, hvp_mode
         self._unused: tuple[str, ...] = ()
+        # In a torch.distributed program each rank passes its shard; every rank gets the same reading.
+        self.distributed, self.process_group = distributed, process_group
         self.objective = self._objective(data)
         self.solver = HessianEigensolver(k=k, method=method, tol=tol, max_iter=max_iter, seed=seed)
         # the seeds of the readings (random layers), apart from the eigen-solver's start vectors
@@ -91,13 +96,16 @@ class SharpnessTracker:
         if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
             inputs, targets = _check_batch(data, what)
             if isinstance(inputs, Tensor):
-                return Objective.from_tensors(self.model, self.loss_fn, inputs, targets, self.chunk_size, **kw)
-            return Objective(self.model, self.loss_fn, [(inputs, targets)], **kw)
-        if not isinstance(data, (list, tuple)) or not data:
+                local = Objective.from_tensors(self.model, self.loss_fn, inputs, targets, self.chunk_size, **kw)
+            else:
+                local = Objective(self.model, self.loss_fn, [(inputs, targets)], **kw)
+        elif not isinstance(data, (list, tuple)) or not data:
             raise ValueError(f"{what} must be (inputs, targets) or a non-empty list of such batches")
-        return Objective(
-            self.model, self.loss_fn, [_check_batch(b, f"{what} batch {i}") for i, b in enumerate(data)], **kw
-        )
+        else:
+            local = Objective(
+                self.model, self.loss_fn, [_check_batch(b, f"{what} batch {i}") for i, b in enumerate(data)], **kw
+            )
+        return ShardedObjective(local, group=self.process_group) if self.distributed else local
 
     def measure(
         self,
@@ -118,7 +126,8 @@ class SharpnessTracker:
         checked before any work."""
         method = self._method(method, eta, rho, optimizer, momentum)
         objective = self.objective if batch is None else self._objective(batch, "batch")
-        objective.seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
+        # the reading's seed (on the local objective of a sharded one: the one that calls the model)
+        getattr(objective, "local", objective).seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
         params = objective.parameters()
         ev = objective.loss_and_grad(params)
         assert ev.grad is not None
@@ -138,6 +147,8 @@ class SharpnessTracker:
         self._unused = self._unused + objective.unused
         keep = [i for i, name in enumerate(objective.names) if name not in objective.unused]
         restricted = objective.restricted([objective.names[i] for i in keep])
+        if self.distributed and not isinstance(restricted, ShardedObjective):
+            restricted = ShardedObjective(restricted, group=self.process_group)
         if objective is self.objective:
             self.objective = restricted
         return restricted, tuple(params[i] for i in keep), tuple(grad[i] for i in keep)

@@ -3,7 +3,8 @@
 Exit codes: 0 success; 2 bad input (any :class:`~samedge.errors.BadInput`: arguments, config,
 data, checkpoint, run directory), as one line on stderr ``samedge: error: ...``; 3 the run
 diverged; 4 the environment refused (an ``OSError``: no permission, a full disk, a missing or
-unreadable path), as one line naming the path; 130 interrupted.  Any other exception is a bug of
+unreadable path), as one line naming the path; 5 a worker process of a run over many processes
+died (``--nproc``); 130 interrupted.  Any other exception is a bug of
 samedge's: it propagates with its traceback (exit 1), never reported as bad input.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -101,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-plots", action="store_true", help="do not draw figures at the end")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="full batch over N local processes (torch.distributed: gloo on CPU, NCCL with one GPU each "
+        "on cuda); also with --resume",
+    )
     _add_config_flags(run)
 
     flat = sub.add_parser(
@@ -132,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from samedge.experiment import distributed
     from samedge.experiment.config import TASKS, RunConfig, build_config
     from samedge.experiment.plotting import plot_run
     from samedge.experiment.rundir import default_run_dir, load_run_config
@@ -152,13 +162,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"name a task ({', '.join(TASKS)}) or give --resume RUN_DIR")
         cfg = build_config(args.task, preset=args.preset, config_file=args.config, overrides=overrides)
         out = Path(args.out) if args.out else default_run_dir(cfg)
-    result = run(cfg, out, overwrite=args.overwrite, progress=not args.no_progress, resume=bool(args.resume))
+    nproc = _check_nproc(args.nproc, cfg)
+    if nproc > 1 and distributed.env_world_size() == 1:  # the launcher: start and watch the workers
+        return distributed.launch(nproc, args.argv, out)
+    with distributed.session(cfg.device):
+        result = run(cfg, out, overwrite=args.overwrite, progress=not args.no_progress, resume=bool(args.resume))
+        if not distributed.is_writer():
+            return EXIT_DIVERGED if result.diverged else EXIT_INTERRUPTED if result.summary.get("interrupted") else 0
     if not args.no_plots and result.summary.get("measurements"):
         plot_run(out)
     _report(result.summary, out)
     if result.summary.get("interrupted"):
         return EXIT_INTERRUPTED
     return EXIT_DIVERGED if result.diverged else EXIT_OK
+
+
+def _check_nproc(nproc: int | None, cfg: Any) -> int:
+    """The number of processes asked for (1 without ``--nproc``), checked against the data sizes
+    and against a ``torchrun`` world this process may already be in."""
+    from samedge.experiment import distributed
+
+    world = distributed.env_world_size()
+    if nproc is None:
+        return world
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    if world > 1 and nproc != world:
+        raise ConfigError(f"--nproc {nproc} differs from the WORLD_SIZE {world} this process was started in")
+    for name in ("n_train", "batch_size", "eval_batch_size"):
+        value = getattr(cfg, name)
+        if value and value < nproc:
+            raise ConfigError(f"config field '{name}' ({value}) is below --nproc {nproc}: every process needs examples")
+    return nproc
 
 
 def _cmd_flatness(args: argparse.Namespace) -> int:
@@ -281,6 +316,8 @@ def _refuse_locked_early(argv: Sequence[str]) -> None:
 
     if not argv or argv[0] != "run":
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a worker of a run over many processes: rank 0 locks
+        return
     for i, arg in enumerate(argv):
         for flag in ("--resume", "--out"):
             if arg == flag and i + 1 < len(argv):
@@ -297,10 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as stop:  # argparse: --help (0) or a usage error (2, message already printed)
             return int(stop.code or 0)
+        args.argv = list(argv)  # for the workers of --nproc
         handler = COMMANDS[args.command]
         return handler(args)
     except BadInput as err:
-        print(f"samedge: error: {err}", file=sys.stderr)
+        if _is_rank0():  # over many processes every rank raises it; rank 0 says it
+            print(f"samedge: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as err:  # the machine refused: permissions, a full disk, a vanished path
         print(f"samedge: error: {_describe_os_error(err)}", file=sys.stderr)
@@ -308,6 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("samedge: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _is_rank0() -> bool:
+    """Whether this process speaks for a run: rank 0 of a run over many processes, or the only one
+    (read from the environment torchrun and ``--nproc`` set, without importing torch)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 if __name__ == "__main__":  # pragma: no cover

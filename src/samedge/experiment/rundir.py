@@ -242,8 +242,11 @@ def provenance() -> dict[str, Any]:
     }
 
 
-def write_run_config(run_dir: Path, cfg: RunConfig, *, data_source: str, n_parameters: int) -> None:
-    """``config.json``: the settings and where the run came from."""
+def write_run_config(
+    run_dir: Path, cfg: RunConfig, *, data_source: str, n_parameters: int, extra: dict[str, Any] | None = None
+) -> None:
+    """``config.json``: the settings and where the run came from (and ``extra``, such as the
+    ``world_size`` and ``backend`` of a run over many processes)."""
     write_json(
         run_dir / CONFIG_NAME,
         {
@@ -252,6 +255,7 @@ def write_run_config(run_dir: Path, cfg: RunConfig, *, data_source: str, n_param
             "n_parameters": n_parameters,
             "versions": provenance(),
             "command": sys.argv,
+            **(extra or {}),
         },
     )
 

@@ -18,6 +18,7 @@ Figures are drawn afterwards from ``metrics.csv`` by :mod:`~samedge.experiment.p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -33,8 +34,10 @@ from samedge.core.objective import Evaluation, Objective
 from samedge.core.params import Params, norm
 from samedge.core.secant import StepSecants
 from samedge.errors import CheckpointError
+from samedge.experiment import distributed
 from samedge.experiment.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from samedge.experiment.config import RunConfig
+from samedge.experiment.lock import RunLock
 from samedge.experiment.metrics import (
     STEP_COLUMNS,
     MetricsWriter,
@@ -137,25 +140,34 @@ def run(
     The run holds ``run_dir``'s lock (:mod:`~samedge.experiment.rundir`) from before its first
     write to its end: a second run or resume of the directory is refused meanwhile."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    # Over many processes (torch.distributed) every rank runs the loop on the same values; rank 0
+    # alone holds the lock and writes files, and what it refuses is refused on every rank.
+    held: list[RunLock] = []
     # A directory another process is writing is refused at once, before the data are read.
     if resume:
-        lock = lock_run_dir(run_dir)
+        distributed.on_rank0(lambda: held.append(lock_run_dir(run_dir)))
     else:
-        check_unlocked(run_dir)
+        distributed.on_rank0(lambda: check_unlocked(run_dir))
     try:
         task = task if task is not None else build_task(cfg)  # data errors surface before anything is written
     except BaseException:
-        if resume:
+        for lock in held:
             lock.release()
         raise
     if not resume:
         built = task
 
         def setup(directory: Path) -> None:
-            write_run_config(directory, cfg, data_source=built.source, n_parameters=built.n_parameters)
+            write_run_config(
+                directory,
+                cfg,
+                data_source=built.source,
+                n_parameters=built.n_parameters,
+                extra=distributed.provenance(),
+            )
 
-        lock = create_run_dir(run_dir, overwrite, setup=setup)
-    with lock:  # this process is the run directory's only writer until the run ends
+        distributed.on_rank0(lambda: held.append(create_run_dir(run_dir, overwrite, setup=setup)))
+    with held[0] if held else contextlib.nullcontext():  # rank 0 is the directory's only writer until the end
         return _run(cfg, run_dir, task, progress=progress, resume=resume, on_step=on_step)
 
 
@@ -176,7 +188,9 @@ def _run(
     solvers = _Solvers(cfg, task)
     secants = StepSecants(method, cfg.secant_pairs) if cfg.secant_pairs != 0 else None
     metrics_path, steps_path = run_dir / "metrics.csv", run_dir / STEPS_NAME
-    if resume:
+    writer = distributed.is_writer()  # rank 0 (or the only process) writes files
+    dist_info = distributed.provenance()
+    if resume and writer:
         state = load_checkpoint(
             run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
         )
@@ -190,6 +204,10 @@ def _run(
             restored = restore_metrics(steps_path, state.step, state.steps, list(range(state.step)))
             if restored:
                 _note(restored)
+    elif resume:
+        state = load_checkpoint(
+            run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
+        )
     else:
         state = solvers.state(0, task.train.parameters(), None, 0.0)
     solvers.restore(state, run_dir)
@@ -198,7 +216,7 @@ def _run(
     columns = base_columns(
         cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement, task.eval_batch is not None, cfg.trace_every > 0
     )
-    density_writer = DensityWriter(run_dir, state.step if resume else None) if cfg.density_every else None
+    density_writer = DensityWriter(run_dir, state.step if resume else None) if cfg.density_every and writer else None
     params, velocity = state.params, state.velocity
     status: dict[str, Any] = {"diverged": False, "diverged_step": None, "interrupted": False}
     if resume:
@@ -209,17 +227,19 @@ def _run(
     def boundary(step: int, finished: bool = False) -> TrainState:
         return solvers.state(step, params, velocity, time.perf_counter() - start, finished, secants)
 
-    bar = _progress_bar(cfg.steps, progress and not state.finished, initial=min(state.step, cfg.steps))
+    bar = _progress_bar(cfg.steps, progress and writer and not state.finished, initial=min(state.step, cfg.steps))
     at_start = last_good = boundary(state.step, state.finished)
-    steps_writer = MetricsWriter(steps_path, STEP_COLUMNS, fsync_each_row=False) if secants else None
-    with MetricsWriter(metrics_path, columns) as writer:
+    steps_writer = MetricsWriter(steps_path, STEP_COLUMNS, fsync_each_row=False) if secants and writer else None
+    with MetricsWriter(metrics_path, columns) if writer else _NoWriter() as rows:
 
         def checkpoint(at: TrainState) -> None:
+            if not writer:
+                return
             steps = None
             if steps_writer is not None:
                 steps_writer.sync()  # the rows a checkpoint vouches for are on disk before it
                 steps = steps_writer.rows_before(at.step)
-            save_checkpoint(run_dir, saved_config, at, metrics=writer.rows_before(at.step), steps=steps)
+            save_checkpoint(run_dir, saved_config, at, metrics=rows.rows_before(at.step), steps=steps)
 
         try:
             for step in range(state.step, cfg.steps + 1) if not state.finished else ():
@@ -235,8 +255,10 @@ def _run(
                 last_good = at_start
                 # 2. the direction: g, or the SAM/USAM gradient at w_t + e
                 direction = method.direction(objective.grad, params, ev.grad)
-                if secants is not None and steps_writer is not None:
-                    steps_writer.write(_step_row(step, ev.loss, g_norm, method, secants, params, ev.grad, direction))
+                if secants is not None:  # every rank observes (the pairs are replicated state)
+                    step_row = _step_row(step, ev.loss, g_norm, method, secants, params, ev.grad, direction)
+                    if steps_writer is not None:
+                        steps_writer.write(step_row)
                 # 3. a measurement, written at once
                 if step % cfg.measure_every == 0 or step == cfg.steps:
                     row, m = _measurement_row(cfg, task, method, solvers, objective, params, ev, direction)
@@ -247,7 +269,7 @@ def _run(
                     if density is not None and density_writer is not None:
                         density_writer.write(step, density)
                     row["elapsed_s"] = round(time.perf_counter() - start, 3)
-                    writer.write(row)
+                    rows.write(row)
                     bar.set_postfix(loss=f"{ev.loss:.4g}", sharp=f"{m.sharpness:.4g}", edge=f"{m.edge:.4g}")
                     if not math.isfinite(m.sharpness):
                         status.update(diverged=True, diverged_step=step, reason="non-finite sharpness")
@@ -277,15 +299,16 @@ def _run(
         if density_writer is not None:
             density_writer.close()
     elapsed = time.perf_counter() - start
-    summary = summarize(read_metrics(metrics_path))
+    summary = summarize(read_metrics(metrics_path)) if writer else {}
     summary.update(status)
+    summary.update(dist_info)
     if status["diverged"]:
         summary["last_good_step"] = last_good.step
     else:
         test = task.test.evaluate(params)
         summary.update(test_loss=test.loss, test_accuracy=test.accuracy, test_error=1.0 - test.accuracy)
     summary["elapsed_s"] = elapsed
-    if not write_summary(run_dir / "summary.json", summary):
+    if writer and not write_summary(run_dir / "summary.json", summary):
         _note(f"kept {run_dir / 'summary.json'}: it was computed from more rows than metrics.csv now holds")
     return RunResult(run_dir, summary)
 
@@ -379,6 +402,20 @@ def _row(ev: Evaluation, m: Measurement, eig_k: int) -> dict[str, Any]:
     for i in range(2, eig_k + 1):
         row[f"lambda_{i}"] = m.eigenvalues[i - 1] if len(m.eigenvalues) >= i else None
     return row
+
+
+class _NoWriter:
+    """Ranks other than 0 write no metrics."""
+
+    def write(self, row: dict[str, Any]) -> None: ...
+
+    def rows_before(self, step: int) -> str:
+        return ""
+
+    def __enter__(self) -> _NoWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None: ...
 
 
 class _NoBar:

@@ -1,7 +1,9 @@
 """Tasks: a data set, a model and a loss built from a :class:`~samedge.config.RunConfig`.
 
 A :class:`Task` hands the runner the objective to train on at each step (the same full-batch
-objective every step, or the step's minibatch) and the objective to test on.
+objective every step, or the step's minibatch) and the objective to test on.  In a run over many
+processes each objective (each minibatch too) covers this rank's slice of its examples and sums
+over the ranks (:func:`~samedge.experiment.distributed.sharded_objective`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ if TYPE_CHECKING:  # config imports the task names from here
 from samedge.core.losses import get_loss
 from samedge.core.objective import Objective
 from samedge.data import DataError
+from samedge.experiment.distributed import sharded_objective
 
 __all__ = ["Task", "build_task", "resolve_device", "minibatch_objectives", "task_from_split", "TASK_BUILDERS", "TASKS"]
 
@@ -65,12 +68,12 @@ def minibatch_objectives(
 
     def minibatch(step: int) -> Objective:
         idx = sampler.batch_indices(step).to(x.device)
-        return Objective.from_tensors(model, loss, x[idx], y[idx], cfg.chunk_size, hvp_mode=cfg.hvp_mode)
+        return sharded_objective(model, loss, x[idx], y[idx], cfg.chunk_size, hvp_mode=cfg.hvp_mode)
 
     eval_batch = None
     if cfg.eval_batch_size:
         idx = fixed_sample(n, cfg.eval_batch_size, cfg.seed).to(x.device)
-        eval_batch = Objective.from_tensors(model, loss, x[idx], y[idx], cfg.chunk_size, hvp_mode=cfg.hvp_mode)
+        eval_batch = sharded_objective(model, loss, x[idx], y[idx], cfg.chunk_size, hvp_mode=cfg.hvp_mode)
     return minibatch, eval_batch
 
 
@@ -79,8 +82,8 @@ def task_from_split(name: str, cfg: RunConfig, model: nn.Module, split, device: 
     ``cfg.loss`` on ``split`` (a :class:`~samedge.data.Split`), and minibatches if asked."""
     loss = get_loss(cfg.loss)
     x, y = split.x_train.to(device), split.y_train.to(device)
-    train = Objective.from_tensors(model, loss, x, y, cfg.chunk_size, hvp_mode=cfg.hvp_mode)
-    test = Objective.from_tensors(model, loss, split.x_test.to(device), split.y_test.to(device), cfg.chunk_size)
+    train = sharded_objective(model, loss, x, y, cfg.chunk_size, hvp_mode=cfg.hvp_mode)
+    test = sharded_objective(model, loss, split.x_test.to(device), split.y_test.to(device), cfg.chunk_size)
     minibatch, eval_batch = minibatch_objectives(cfg, model, loss, x, y)
     return Task(name, model, train, test, split.source, minibatch=minibatch, eval_batch=eval_batch)
 

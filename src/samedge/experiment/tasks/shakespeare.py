@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from samedge.core.losses import get_loss
-from samedge.core.objective import Objective
 from samedge.data.shakespeare import load_shakespeare
 from samedge.errors import ConfigError
+from samedge.experiment.distributed import sharded_objective
 from samedge.experiment.tasks import Task, default_data_path, minibatch_objectives, resolve_device
 from samedge.models.transformer import Transformer
 
@@ -42,8 +42,8 @@ def build_shakespeare(cfg: RunConfig) -> Task:
     ).to(device=device, dtype=getattr(torch, cfg.dtype))
     loss = get_loss(cfg.loss)
     minibatch, eval_batch = minibatch_objectives(cfg, model, loss, x_train, y_train)
-    train = Objective.from_tensors(model, loss, x_train, y_train, cfg.chunk_size or 256, hvp_mode=cfg.hvp_mode)
-    test = Objective.from_tensors(model, loss, x_test, y_test, cfg.chunk_size or 256)
+    train = sharded_objective(model, loss, x_train, y_train, cfg.chunk_size or 256, hvp_mode=cfg.hvp_mode)
+    test = sharded_objective(model, loss, x_test, y_test, cfg.chunk_size or 256)
     source = f"{split.source}; using {n_train} train / {n_test} test windows, minibatches of {cfg.batch_size}"
     return Task(
         "shakespeare",
