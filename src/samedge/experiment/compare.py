@@ -76,8 +76,8 @@ def load_runs(dirs: Sequence[str | Path]) -> tuple[list[ComparedRun], list[str],
         points = load_sweep_points(sweep)
         runs = [r for p in points if (r := _load_run(sweep / p.name, p.name)) is not None]
         varied: list[str] = []
-        for p in points:
-            varied += [k for k in p.varied if k not in varied]
+        for point in points:
+            varied += [k for k in point.varied if k not in varied]
         if not runs:
             raise RunDirError(f"sweep {sweep} has no run with measurements yet")
         return runs, varied, sweep
@@ -101,7 +101,7 @@ def varied_settings(configs: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _series(rows, column: str) -> list[float]:
-    return [math.nan if r.get(column) is None else float(r[column]) for r in rows]  # type: ignore[arg-type]
+    return [math.nan if r.get(column) is None else float(r[column]) for r in rows]
 
 
 def compare(dirs: Sequence[str | Path], out: str | Path | None = None) -> list[Path]:

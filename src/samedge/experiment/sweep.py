@@ -196,7 +196,8 @@ class SweepSpec:
             names = list(self.grid)
             combos += [dict(zip(names, values)) for values in itertools.product(*self.grid.values())]
         combos += [dict(r) for r in self.runs]
-        points, seen = [], {}
+        points: list[SweepPoint] = []
+        seen: dict[str, dict[str, Any]] = {}
         for varied in combos:
             name = point_name(varied)
             if name in seen:
@@ -269,7 +270,12 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
     if config is not None:
         config = str((Path(path).parent / config).resolve())
     return SweepSpec(
-        data["task"], dict(base), {k: list(v) for k, v in grid.items()}, list(runs), data.get("preset"), config
+        data["task"],
+        dict(base),
+        {k: v if not isinstance(v, list) else list(v) for k, v in grid.items()},
+        list(runs),
+        data.get("preset"),
+        config,
     )
 
 
