@@ -305,7 +305,8 @@ def test_claims_are_checked_against_the_numbers():
     flat = _fake_run("flat", "sam", 0.1, 0.1, [1.0] * 6, edge, [1] * 6)
     low = _fake_run("low", "gd", 0.1, 0.0, [1.0] * 6, [20.0] * 6, [1] * 6)
     claims = check_claims([flat, low])
-    assert [c.verdict for c in claims] == ["no", "not tested", "not tested", "no", "no"]
+    assert [c.verdict for c in claims] == ["no", "not tested", "not tested", "not tested", "no"]
+    assert "low did not reach 2/eta = 20" in claims[3].evidence
     assert "0 of 1 SAM runs" in claims[0].evidence and "flat 1 vs 1" in claims[4].evidence
 
 
