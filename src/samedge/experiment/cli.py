@@ -1,4 +1,4 @@
-"""Command line: ``samedge run | plot | edge | download``.
+"""Command line: ``samedge run | plot | edge | download | sweep | compare | reproduce``.
 
 Exit codes: 0 success; 2 bad input (any :class:`~samedge.errors.BadInput`: arguments, config,
 data, checkpoint, run directory), as one line on stderr ``samedge: error: ...``; 3 the run
@@ -88,8 +88,25 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
+def _add_sweep_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="sweep directory (default: sweeps/<task>-<varied settings>)")
+    p.add_argument("--executor", choices=["serial", "ray"], default="serial", help="serial (default) or ray")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    p.add_argument(
+        "--threads-per-run",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch threads (and Ray CPUs) per run (default 1; the same N gives the same metrics on every executor)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
+    p.add_argument("--plots", action="store_true", help="also draw each run's own figures")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from samedge.experiment.config import TASKS, preset_names
+    from samedge.experiment.report import reproduce_names
 
     parser = _Parser(prog="samedge", description="GD and SAM at the edge of stability.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -133,6 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--grad-norm", type=float, default=None, help="||g|| (needed for the SAM-edge)")
     edge.add_argument("--momentum", type=float, default=0.0)
     edge.add_argument("--json", action="store_true", help="print JSON")
+
+    sw = sub.add_parser("sweep", help="run a grid or list of runs into one sweep directory; writes sweep.csv")
+    sw.add_argument("target", help=f"a task ({', '.join(TASKS)}) or a TOML sweep file")
+    sw.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="vary a setting over these values (repeat: every combination)",
+    )
+    sw.add_argument("--config", help="TOML file with base settings (flags override it)")
+    sw.add_argument("--preset", help=f"named base settings: {', '.join(preset_names())}")
+    _add_sweep_run_flags(sw)
+    _add_config_flags(sw)
+
+    cmp = sub.add_parser("compare", help="figures that overlay runs: run directories or a sweep directory")
+    cmp.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, or one sweep directory")
+    cmp.add_argument("--out", help="where to write the figures (default: SWEEP_DIR/compare or ./compare)")
+
+    rep = sub.add_parser("reproduce", help="the paper's figure set for a task: a sweep, figures and a report")
+    rep.add_argument("task", help=f"one of {', '.join(reproduce_names())}")
+    rep.add_argument(
+        "--paper", action="store_true", help="the paper-scale grid (for a GPU or a cluster) instead of the laptop one"
+    )
+    _add_sweep_run_flags(rep)
 
     dl = sub.add_parser("download", help="download a data set's official files (needs internet)")
     dl.add_argument("dataset", choices=["mnist", "cifar10", "shakespeare"])
@@ -293,6 +335,99 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sweep_spec(args: argparse.Namespace):
+    from samedge.experiment.config import RunConfig
+    from samedge.experiment.sweep import SweepSpec, load_sweep_file, parse_grid_arg
+
+    base = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "task"}
+    base = {k: v for k, v in base.items() if v is not None}
+    grid: dict[str, list] = {}
+    for arg in args.grid:
+        name, values = parse_grid_arg(arg)
+        if name in grid:
+            raise ConfigError(f"--grid {name} is given twice")
+        grid[name] = values
+    if args.target.endswith(".toml"):
+        spec = load_sweep_file(args.target)
+        if args.preset or args.config:
+            raise ConfigError("--preset/--config go in the sweep file (preset = ..., config = ...)")
+        spec.base.update(base)
+        spec.grid.update(grid)
+        spec.__post_init__()
+    else:
+        spec = SweepSpec(
+            args.target,
+            base,
+            grid,
+            preset=args.preset,
+            config_file=str(Path(args.config).resolve()) if args.config else None,
+        )
+    clash = sorted(set(spec.grid) & set(base))
+    if clash:
+        raise ConfigError(f"setting '{clash[0]}' is both varied (--grid) and fixed (--{clash[0].replace('_', '-')})")
+    return spec
+
+
+def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> int:
+    from samedge.experiment.executors import run_sweep
+    from samedge.experiment.sweep import prepare_sweep_dir
+
+    points = prepare_sweep_dir(out, spec, spec.points())
+    done = run_sweep(
+        out,
+        points,
+        executor=args.executor,
+        threads=args.threads_per_run,
+        address=args.address,
+        cpus=args.cpus,
+        progress=not args.no_progress,
+    )
+    if args.plots:
+        from samedge.experiment.plotting import plot_run
+
+        for p in points:
+            if (out / p.name / "metrics.csv").exists():
+                plot_run(out / p.name)
+    counts = ", ".join(f"{done.count(s)} {s}" for s in ("done", "diverged", "failed", "error") if done.count(s))
+    print(f"sweep directory: {out} ({len(points)} runs: {counts}; {done.skipped} already finished)")
+    print(f"summary: {out / 'sweep.csv'}")
+    for name, status in done.statuses.items():
+        if status in ("failed", "error"):
+            print(f"  {name}: {status}")
+    if done.count("error"):
+        return 1  # a samedge bug in some run (its message is in sweep.csv)
+    return EXIT_BAD_INPUT if done.count("failed") else EXIT_OK
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    spec = _sweep_spec(args)
+    out = Path(args.out) if args.out else Path("sweeps") / "-".join([spec.task, *spec.varied_names()])
+    return _run_sweep_cli(spec, out, args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from samedge.experiment.compare import compare
+
+    for path in compare(args.dirs, args.out):
+        print(path)
+    return EXIT_OK
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from samedge.experiment.compare import compare
+    from samedge.experiment.report import load_reproduce_spec, write_report
+
+    spec = load_reproduce_spec(args.task, paper=args.paper)
+    out = Path(args.out) if args.out else Path("reproduce") / (args.task + ("-paper" if args.paper else ""))
+    code = _run_sweep_cli(spec, out, args)
+    if code == EXIT_INTERRUPTED:
+        return code
+    compare([str(out)], None)
+    for path in write_report(out):
+        print(path)
+    return code
+
+
 #: subcommand -> handler(args) -> exit code
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
@@ -300,6 +435,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plot": _cmd_plot,
     "edge": _cmd_edge,
     "download": _cmd_download,
+    "sweep": _cmd_sweep,
+    "compare": _cmd_compare,
+    "reproduce": _cmd_reproduce,
 }
 
 

@@ -424,9 +424,26 @@ class _NoBar:
     def close(self) -> None: ...
 
 
+class _LineProgress(_NoBar):
+    """Progress off a terminal (a log file, a Ray worker): one short line per measurement instead
+    of a bar's carriage-return updates."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.step = total, initial
+
+    def update(self, n: int) -> None:
+        self.step += n
+
+    def set_postfix(self, **kw) -> None:
+        values = " ".join(f"{k} {v}" for k, v in kw.items())
+        print(f"step {self.step}/{self.total}: {values}", file=sys.stderr, flush=True)
+
+
 def _progress_bar(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return _NoBar()
+    if not sys.stderr.isatty():
+        return _LineProgress(total, initial)
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
