@@ -154,3 +154,37 @@ def test_step_secants_state_round_trip_continues_identically():
     _, ra = steps(a, w, 3)
     _, rb = steps(b, w, 3)
     assert ra == rb
+
+
+def test_sam_hands_its_pair_to_the_tracker_in_a_users_loop():
+    """samedge.SAM(secant_pair=True) keeps (e, g(w+e) - g(w)); on a linear model with squared
+    error (a quadratic) that is H e exactly, so the tracker's estimate is Rayleigh-Ritz of the
+    dense Hessian on the span of the perturbations: below lambda_1, and close to it once the
+    gradients align with the top eigenvector."""
+    from torch import nn
+
+    from samedge import SAM, SharpnessTracker
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 6, dtype=torch.float64) * torch.tensor([3.0, 1, 1, 0.5, 0.5, 0.2], dtype=torch.float64)
+    y = torch.randn(200, 1, dtype=torch.float64)
+    model = nn.Linear(6, 1).double()
+    loss_fn = nn.MSELoss()
+    xb = torch.cat([x, torch.ones(200, 1, dtype=torch.float64)], 1)
+    H = 2 * xb.T @ xb / 200  # the dense Hessian of the mean squared error (weights, then bias)
+    lam1 = float(torch.linalg.eigvalsh(H)[-1])
+    opt = SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.05, lr=1.9 / lam1, secant_pair=True)
+    tracker = SharpnessTracker(model, loss_fn, (x, y))
+    est = None
+    for _ in range(30):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step(lambda: (opt.zero_grad(), loss_fn(model(x), y).backward()))
+        s, yy = opt.last_secant_pair
+        assert torch.allclose(yy, H @ s, rtol=1e-9, atol=1e-12)  # an exact secant on a quadratic
+        est = tracker.secant(s, yy)
+    assert est is not None and est.pairs == 10
+    assert est.sharpness <= lam1 * (1 + 1e-9)
+    assert est.sharpness == pytest.approx(lam1, rel=1e-3) and est.trusted
+    with pytest.raises(ValueError, match="both s and y"):
+        tracker.secant(s)

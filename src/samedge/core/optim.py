@@ -103,6 +103,11 @@ class SAM(torch.optim.Optimizer):
     gradient, e.g. frozen ones, are left out); ``last_grad_norm`` holds ``||g||`` at ``w`` after
     each step (what the SAM-edge needs).  A param-group key that neither SAM nor its base
     optimizer uses is refused (``ValueError``), never ignored.
+
+    With ``secant_pair=True`` each step also keeps ``last_secant_pair = (e, g(w + e) - g(w))``
+    (flat tensors over the perturbed parameters): a secant of the Hessian along ``e`` that
+    :meth:`samedge.SharpnessTracker.secant` turns into a per-step sharpness estimate at no extra
+    gradient (it costs two parameter-sized copies per step).
     """
 
     def __init__(
@@ -114,11 +119,15 @@ class SAM(torch.optim.Optimizer):
         *,
         lr: float | None = None,
         momentum: float = 0.0,
+        secant_pair: bool = False,
         **base_kwargs,
     ):
         if not rho >= 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
         self.last_grad_norm: float | None = None
+        self.secant_pair = bool(secant_pair)
+        self.last_secant_pair: tuple[Tensor, Tensor] | None = None
+        self._grad_at_w: dict[Tensor, Tensor] = {}
         self._origin: dict[Tensor, Tensor] = {}
         if base_optimizer is None:
             if base_kwargs:
@@ -192,6 +201,8 @@ class SAM(torch.optim.Optimizer):
                 continue
             scale = _scale(self.last_grad_norm, group["rho"], group["normalized"])
             self._origin[p] = p.detach().clone()  # restored exactly, not by subtraction
+            if self.secant_pair:
+                self._grad_at_w[p] = p.grad.detach().clone()
             p.add_(p.grad, alpha=scale)
         if zero_grad:
             self.zero_grad()
@@ -199,6 +210,17 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Back to ``w`` and the update with the gradients in ``.grad`` (those at ``w + e``)."""
+        if self.secant_pair:
+            held = [(p, p.grad) for p in self._origin if p.grad is not None and p in self._grad_at_w]
+            self.last_secant_pair = (
+                (
+                    torch.cat([(p.detach() - self._origin[p]).reshape(-1) for p, _ in held]),
+                    torch.cat([(g - self._grad_at_w[p]).reshape(-1) for p, g in held]),
+                )
+                if held
+                else None
+            )
+            self._grad_at_w = {}
         for p, original in self._origin.items():
             p.copy_(original)
         self._origin = {}

@@ -45,6 +45,21 @@ __all__ = [
     "CONSECUTIVE_PAIRS",
 ]
 
+#: An estimate is reported when its relative residual is at most this.  Measured on the MNIST
+#: defaults (benchmarks/bench_secant.py): once SAM's sharpness reaches its edge its perturbation
+#: pairs give residuals of 0.06-0.14 and estimates 0.95-1.00 of the Lanczos value; before the
+#: edge the residuals are 0.45-10 and the estimates off by 25-99%.
+SECANT_MAX_RESIDUAL = 0.25
+
+#: Default window sizes, by kind of pair (measured as above).  SAM's perturbation pairs are short
+#: (length rho) secants at the current point: 10 of them give 0.95-1.00 of lambda_1 at the edge
+#: (5: 2-5% low; 20: 0.96-1.03 but twice the memory).  Consecutive steps are long secants
+#: (length eta ||g||) between different points, so older pairs mislead: under GD at its edge 3
+#: pairs gave 1.005-1.03 of lambda_1, 5 pairs up to 1.13 and 10 pairs up to 1.44 with residuals
+#: that still passed the rule.
+PERTURBATION_PAIRS = 10
+CONSECUTIVE_PAIRS = 3
+
 
 @dataclass(frozen=True)
 class SecantEstimate:
@@ -57,6 +72,11 @@ class SecantEstimate:
     vector: Tensor | None
     pairs: int
     rank: int
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the residual rule (:data:`SECANT_MAX_RESIDUAL`) vouches for the estimate."""
+        return math.isfinite(self.sharpness) and self.sharpness > 0 and self.residual <= SECANT_MAX_RESIDUAL
 
 
 def _gram(a: Tensor, b: Tensor) -> np.ndarray:
@@ -171,22 +191,6 @@ class SecantWindow:
             raise ValueError(f"secant window of size {state['size']} cannot be loaded into one of size {self.size}")
         self._s, self._y = list(state["s"]), list(state["y"])
         self._grams = state["grams"].double().numpy().copy()
-
-
-#: An estimate is reported when its relative residual is at most this.  Measured on the MNIST
-#: defaults (benchmarks/bench_secant.py): once SAM's sharpness reaches its edge its perturbation
-#: pairs give residuals of 0.06-0.14 and estimates 0.95-1.00 of the Lanczos value; before the
-#: edge the residuals are 0.45-10 and the estimates off by 25-99%.
-SECANT_MAX_RESIDUAL = 0.25
-
-#: Default window sizes, by kind of pair (measured as above).  SAM's perturbation pairs are short
-#: (length rho) secants at the current point: 10 of them give 0.95-1.00 of lambda_1 at the edge
-#: (5: 2-5% low; 20: 0.96-1.03 but twice the memory).  Consecutive steps are long secants
-#: (length eta ||g||) between different points, so older pairs mislead: under GD at its edge 3
-#: pairs gave 1.005-1.03 of lambda_1, 5 pairs up to 1.13 and 10 pairs up to 1.44 with residuals
-#: that still passed the rule.
-PERTURBATION_PAIRS = 10
-CONSECUTIVE_PAIRS = 3
 
 
 class StepSecants:

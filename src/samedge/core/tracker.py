@@ -35,6 +35,7 @@ from samedge.core.distributed import ShardedObjective
 from samedge.core.measurements import Measurement, measure
 from samedge.core.method import Method
 from samedge.core.objective import HVP_MODES, MODES, Objective
+from samedge.core.secant import PERTURBATION_PAIRS, SecantEstimate, SecantWindow
 from samedge.core.spectrum import SpectralDensity, TraceEstimate, hessian_density, hessian_trace
 from samedge.core.validation import positive_int
 
@@ -182,6 +183,24 @@ class SharpnessTracker:
         if getattr(self, "_probes", None) is None:
             self._probes = torch.Generator().manual_seed(self.solver.generator.initial_seed() + 3)
         return self._probes
+
+    # Per-step sharpness for free (samedge.core.secant): pairs from the user's own loop.
+    def secant(
+        self, s: Tensor | None = None, y: Tensor | None = None, *, pairs: int = PERTURBATION_PAIRS
+    ) -> SecantEstimate | None:
+        """Add the secant pair ``(s, y)`` (``y = grad(w + s) - grad(w)``, e.g. ``SAM(...,
+        secant_pair=True).last_secant_pair``, or consecutive steps) if given, and return
+        Rayleigh-Ritz on the last ``pairs`` pairs (None before the first): a sharpness estimate
+        that costs no gradient and no HVP.  Trust it where ``estimate.trusted`` (its residual
+        is within :data:`~samedge.core.secant.SECANT_MAX_RESIDUAL`)."""
+        window = getattr(self, "_secants", None)
+        if window is None or window.size != pairs:
+            window = self._secants = SecantWindow(pairs)
+        if (s is None) != (y is None):
+            raise ValueError("pass both s and y (a secant pair), or neither")
+        if s is not None and y is not None:
+            window.push(s, y)
+        return window.estimate(with_vector=True)
 
     def trace(self, *, probes: int = 32, deflate: bool = False) -> TraceEstimate:
         """Hutchinson trace of the Hessian at the model's current parameters, with its standard
