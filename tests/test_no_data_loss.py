@@ -1,7 +1,6 @@
 """No data lost: guarded --overwrite, complete resumes, verified checkpoints, one writer per run
 directory, and environment errors as one line (real files, real processes)."""
 
-import csv
 import hashlib
 import json
 import multiprocessing
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import rows_without_time
 
 from samedge.errors import CheckpointError, ConfigError, RunDirError
 from samedge.experiment.checkpoint import content_digest, read_checkpoint
@@ -27,14 +27,6 @@ from samedge.experiment.rundir import create_run_dir
 
 TINY = ["--n-train", "200", "--n-test", "100", "--width", "32", "--depth", "2", "--no-progress", "--no-plots"]
 ARGS = ["run", "mnist", "--steps", "30", "--measure-every", "5", "--checkpoint-every", "10", *TINY]
-
-
-def rows_without_time(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r.pop("elapsed_s")
-    return rows
 
 
 def tree(path: Path) -> dict[str, str]:

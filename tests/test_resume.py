@@ -1,6 +1,5 @@
 """Checkpoints and exact resume, including after SIGKILL of a real process."""
 
-import csv
 import json
 import random
 import signal
@@ -10,6 +9,7 @@ import time
 from dataclasses import fields
 
 import pytest
+from helpers import rows_without_time
 
 from samedge.experiment.cli import build_parser, main
 from samedge.experiment.config import RunConfig, build_config
@@ -17,14 +17,6 @@ from samedge.experiment.runner import run
 
 SMALL = ["--n-train", "200", "--n-test", "100", "--width", "32", "--depth", "3", "--no-progress", "--no-plots"]
 ARGS = ["run", "mnist", "--steps", "40", "--measure-every", "2", "--checkpoint-every", "5", *SMALL]
-
-
-def rows_without_time(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r.pop("elapsed_s")
-    return rows
 
 
 def run_interrupted(args, out, step):

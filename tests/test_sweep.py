@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import rows_without_time as metrics_rows
 
 from samedge.errors import ConfigError
 from samedge.experiment import compare as compare_mod
@@ -22,14 +23,6 @@ from samedge.experiment.runner import run
 from samedge.experiment.sweep import SweepSpec, load_sweep_file, parse_grid_arg, point_name
 
 TINY = ["--steps", "20", "--measure-every", "5", "--n-train", "100", "--n-test", "50", "--width", "16", "--depth", "2"]
-
-
-def metrics_rows(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r.pop("elapsed_s")
-    return rows
 
 
 def sweep_csv(out):

@@ -8,6 +8,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from helpers import rows_without_time as rows  # noqa: E402
+
 from samedge.experiment.cli import main  # noqa: E402
 from samedge.experiment.executors import RAY_MAX_RETRIES, run_sweep  # noqa: E402
 from samedge.experiment.sweep import SweepSpec, prepare_sweep_dir  # noqa: E402
@@ -22,14 +24,6 @@ def cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def rows(path):
-    with open(path, newline="") as f:
-        out = list(csv.DictReader(f))
-    for r in out:
-        r.pop("elapsed_s")
-    return out
 
 
 def test_ray_runs_give_the_serial_metrics(tmp_path):
