@@ -116,7 +116,12 @@ def repeat_check(objective: Objective, params: Sequence[Tensor], vector: Tensor,
     state between calls).  A warning says so when they disagree."""
     like = tuple(params)
     v = unflatten(vector.to(like[0].dtype), like)
-    first, second = flatten(objective.hvp(like, v)), flatten(objective.hvp(like, v))
+    # each product on a freshly built graph: a reused graph would agree with itself trivially
+    objective.release_hvp_graph()
+    first = flatten(objective.hvp(like, v))
+    objective.release_hvp_graph()
+    second = flatten(objective.hvp(like, v))
+    objective.release_hvp_graph()
     scale = float(torch.linalg.vector_norm(first.double()))
     diff = float(torch.linalg.vector_norm((first - second).double()))
     bound = max(tol, 100 * torch.finfo(first.dtype).eps) * scale
