@@ -307,3 +307,55 @@ def test_internal_error_exits_1_with_traceback_in_a_real_process(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "RuntimeError: injected bug" in proc.stderr
     assert "samedge: error" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_measure_command_at_the_saved_weights_matches_a_dense_hessian(tmp_path, capsys):
+    import torch
+
+    from samedge.experiment.checkpoint import load_checkpoint
+    from samedge.experiment.rundir import load_run_config
+    from samedge.experiment.tasks import build_task
+
+    out = tmp_path / "run"
+    # a hidden layer: a linear model's Hessian repeats each eigenvalue 10 times (one per class)
+    small = ["--n-train", "60", "--n-test", "20", "--width", "3", "--depth", "2", "--dtype", "float64"]
+    code, stdout, _ = run_cli(
+        ["run", "mnist", "--steps", "6", "--measure-every", "3", "--out", str(out), "--no-plots"]
+        + small
+        + ["--no-progress"],
+        capsys,
+    )
+    assert code == 0, stdout
+    code, stdout, err = run_cli(["measure", str(out), "--eig-k", "3", "--eig-tol", "1e-9", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["step"] == 6 and doc["finished"] and doc["k"] == 3 and doc["hvps"] > 0
+    # independent: the dense float64 Hessian of the loss at the checkpoint's weights
+    cfg = load_run_config(out)
+    task = build_task(cfg)
+    params = load_checkpoint(out, cfg.to_dict(), task.train.parameters()).params
+    names = list(task.train.names)
+    (x, y), loss_fn = task.train.chunks[0], task.train.loss_fn
+    assert len(task.train.chunks) == 1
+    sizes = [p.numel() for p in params]
+
+    def loss_of(flat):
+        ps = [t.view_as(p) for t, p in zip(flat.split(sizes), params)]
+        return loss_fn(torch.func.functional_call(task.model, dict(zip(names, ps)), (x,)), y)
+
+    dense = torch.linalg.eigvalsh(torch.func.hessian(loss_of)(torch.cat([p.reshape(-1) for p in params])))
+    top = dense.flip(0)[:3].tolist()
+    for got, want, bound in zip(doc["eigenvalues"], top, doc["bounds"]):
+        assert got == pytest.approx(want, rel=1e-8)
+        assert abs(got - want) <= max(bound, 1e-12 * abs(want))
+    # the run's last reading is the same quantity, within its recorded bound
+    last = read_csv(out / "metrics.csv")[-1]
+    assert int(last["step"]) == 6
+    assert abs(float(last["sharpness"]) - top[0]) <= float(last["eig_bound"]) * abs(top[0]) + 1e-12
+    assert float(last["eig_bound"]) <= float(last["eig_residual"])
+    # bad input: one line, exit 2
+    code, _, err = run_cli(["measure", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and err.startswith("samedge: error:") and err.count("\n") == 1
+    code, _, err = run_cli(["measure", str(out), "--eig-method", "nope"], capsys)
+    assert code == 2 and "nope" in err

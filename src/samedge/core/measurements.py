@@ -48,6 +48,8 @@ class Measurement:
     #: changed between products (randomness or state the objective does not control) is never
     #: reported as converged
     hvp_consistent: bool | None = None
+    #: error bound of the sharpness relative to it (``EigenResult.relative_bounds`` of the top value)
+    eig_bound: float = math.nan
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +108,7 @@ def measure(
         hvps=hvps,
         sharpness_perturbed=sharpness_perturbed,
         hvp_consistent=consistent,
+        eig_bound=float(result.relative_bounds[0]),
     )
 
 

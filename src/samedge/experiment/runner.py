@@ -396,6 +396,7 @@ def _row(ev: Evaluation, m: Measurement, eig_k: int) -> dict[str, Any]:
         "sam_grad_alignment": m.sam_grad_alignment,
         "sharpness_perturbed": m.sharpness_perturbed,
         "eig_residual": m.relative_residual,
+        "eig_bound": m.eig_bound,
         "eig_converged": m.converged,
         "hvps": m.hvps,
     }
