@@ -359,3 +359,19 @@ def test_measure_command_at_the_saved_weights_matches_a_dense_hessian(tmp_path, 
     assert code == 2 and err.startswith("samedge: error:") and err.count("\n") == 1
     code, _, err = run_cli(["measure", str(out), "--eig-method", "nope"], capsys)
     assert code == 2 and "nope" in err
+
+
+def test_summary_accounts_gradients_hvps_and_wall_time(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "mnist", "--steps", "4", "--measure-every", "2", "--out", str(out), "--no-plots"]
+    code, stdout, _ = run_cli([*args, "--n-train", "40", "--n-test", "10", "--width", "4", "--depth", "2"], capsys)
+    assert code == 0, stdout
+    cost = json.loads((out / "summary.json").read_text())["cost"]
+    rows = read_csv(out / "metrics.csv")
+    # SAM: the gradient at w_t and at w_t + e, for each of the 5 loops (steps 0..4; the last stops before the update)
+    assert cost["train_gradients"] == 2 * 5
+    assert cost["measure_hvps"] == sum(int(r["hvps"]) for r in rows)
+    assert cost["measure_gradients"] == 0
+    assert 0 < cost["train_seconds"] and 0 < cost["measure_seconds"]
+    assert cost["train_share"] + cost["measure_share"] <= 1.0
+    assert cost["measure_share"] == pytest.approx(cost["measure_seconds"] / cost["wall_seconds"])
