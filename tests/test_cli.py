@@ -307,3 +307,71 @@ def test_internal_error_exits_1_with_traceback_in_a_real_process(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "RuntimeError: injected bug" in proc.stderr
     assert "samedge: error" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_measure_command_at_the_saved_weights_matches_a_dense_hessian(tmp_path, capsys):
+    import torch
+
+    from samedge.experiment.checkpoint import load_checkpoint
+    from samedge.experiment.rundir import load_run_config
+    from samedge.experiment.tasks import build_task
+
+    out = tmp_path / "run"
+    # a hidden layer: a linear model's Hessian repeats each eigenvalue 10 times (one per class)
+    small = ["--n-train", "60", "--n-test", "20", "--width", "3", "--depth", "2", "--dtype", "float64"]
+    code, stdout, _ = run_cli(
+        ["run", "mnist", "--steps", "6", "--measure-every", "3", "--out", str(out), "--no-plots"]
+        + small
+        + ["--no-progress"],
+        capsys,
+    )
+    assert code == 0, stdout
+    code, stdout, err = run_cli(["measure", str(out), "--eig-k", "3", "--eig-tol", "1e-9", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["step"] == 6 and doc["finished"] and doc["k"] == 3 and doc["hvps"] > 0
+    # independent: the dense float64 Hessian of the loss at the checkpoint's weights
+    cfg = load_run_config(out)
+    task = build_task(cfg)
+    params = load_checkpoint(out, cfg.to_dict(), task.train.parameters()).params
+    names = list(task.train.names)
+    (x, y), loss_fn = task.train.chunks[0], task.train.loss_fn
+    assert len(task.train.chunks) == 1
+    sizes = [p.numel() for p in params]
+
+    def loss_of(flat):
+        ps = [t.view_as(p) for t, p in zip(flat.split(sizes), params)]
+        return loss_fn(torch.func.functional_call(task.model, dict(zip(names, ps)), (x,)), y)
+
+    dense = torch.linalg.eigvalsh(torch.func.hessian(loss_of)(torch.cat([p.reshape(-1) for p in params])))
+    top = dense.flip(0)[:3].tolist()
+    for got, want, bound in zip(doc["eigenvalues"], top, doc["bounds"]):
+        assert got == pytest.approx(want, rel=1e-8)
+        assert abs(got - want) <= max(bound, 1e-12 * abs(want))
+    # the run's last reading is the same quantity, within its recorded bound
+    last = read_csv(out / "metrics.csv")[-1]
+    assert int(last["step"]) == 6
+    assert abs(float(last["sharpness"]) - top[0]) <= float(last["eig_bound"]) * abs(top[0]) + 1e-12
+    assert float(last["eig_bound"]) <= float(last["eig_residual"])
+    # bad input: one line, exit 2
+    code, _, err = run_cli(["measure", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and err.startswith("samedge: error:") and err.count("\n") == 1
+    code, _, err = run_cli(["measure", str(out), "--eig-method", "nope"], capsys)
+    assert code == 2 and "nope" in err
+
+
+def test_summary_accounts_gradients_hvps_and_wall_time(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "mnist", "--steps", "4", "--measure-every", "2", "--out", str(out), "--no-plots"]
+    code, stdout, _ = run_cli([*args, "--n-train", "40", "--n-test", "10", "--width", "4", "--depth", "2"], capsys)
+    assert code == 0, stdout
+    cost = json.loads((out / "summary.json").read_text())["cost"]
+    rows = read_csv(out / "metrics.csv")
+    # SAM: the gradient at w_t and at w_t + e, for each of the 5 loops (steps 0..4; the last stops before the update)
+    assert cost["train_gradients"] == 2 * 5
+    assert cost["measure_hvps"] == sum(int(r["hvps"]) for r in rows)
+    assert cost["measure_gradients"] == 0
+    assert 0 < cost["train_seconds"] and 0 < cost["measure_seconds"]
+    assert cost["train_share"] + cost["measure_share"] <= 1.0
+    assert cost["measure_share"] == pytest.approx(cost["measure_seconds"] / cost["wall_seconds"])

@@ -49,6 +49,8 @@ def _compute(objective, model, loss_fn, data, dtype):
         "accuracy": torch.tensor(ev.accuracy),
         "grad": flatten(ev.grad),
         "hvp": flatten(objective.hvp(params, v)),
+        # the second product at the same parameters runs through the kept gradient graph
+        "hvp_reused": flatten(objective.hvp(params, unflatten(torch.linspace(1, -1, len(flatten(v)), dtype=dtype), v))),
         "fd_hvp": flatten(objective.finite_difference_hvp(params, v)),
         "sharpness": torch.tensor(float(HessianEigensolver(tol=1e-9, seed=1)(objective, params).eigenvalues[0])),
     }
@@ -128,6 +130,7 @@ def test_two_processes_equal_one_process(two_processes, dtype, rtol):
         hessian = torch.autograd.functional.hessian(loss_of, flatten(params))
         v = torch.linspace(-1, 1, hessian.shape[0], dtype=dtype)
         assert torch.allclose(ranks[1]["hvp"], hessian @ v, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(ranks[0]["hvp_reused"], hessian @ v.flip(0), rtol=1e-10, atol=1e-12)
         assert math.isclose(
             float(ranks[0]["sharpness"]), float(torch.linalg.eigvalsh(hessian)[-1]), rel_tol=1e-6
         )  # Lanczos stops at residual 1e-9

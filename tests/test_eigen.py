@@ -290,3 +290,27 @@ def test_bad_start_vector(solver):
         solver(identity, 10, v0=torch.zeros(10, dtype=torch.float64), dtype=torch.float64)
     with pytest.raises(ValueError, match="finite"):
         solver(identity, 10, v0=torch.full((10,), float("nan"), dtype=torch.float64), dtype=torch.float64)
+
+
+def test_lanczos_bounds_cover_the_true_error_and_are_tighter_than_the_residual():
+    # a known spectrum with a cluster at the top: 10.0, 9.96, 9.9, then a gap to 8 and below
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    values = torch.cat(
+        [torch.tensor([10.0, 9.96, 9.9], dtype=torch.float64), torch.linspace(8, -1, 197, dtype=torch.float64)]
+    )
+    a = q @ torch.diag(values) @ q.T
+    for tol in (1e-2, 1e-3, 1e-4):
+        result = lanczos(
+            lambda v: a @ v, 200, k=2, tol=tol, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        )
+        assert result.gaps is not None and np.all(result.gaps > 0)
+        true_error = np.abs(result.eigenvalues - values[:2].numpy())
+        assert np.all(true_error <= result.bounds + 1e-12)
+        assert np.all(result.bounds <= result.residuals)
+        np.testing.assert_allclose(result.relative_bounds, result.bounds / 10.0, rtol=1e-3)
+    # solvers without a gap estimate fall back to the residual
+    single = power_iteration(
+        lambda v: a @ v, 200, tol=1e-3, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    np.testing.assert_array_equal(single.bounds, single.residuals)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from samedge.core.curvature import METHODS, HessianEigensolver, hessian_eigenpairs
@@ -358,3 +359,100 @@ def test_eigensolver_errors():
     for method in ("power", "paper"):
         with pytest.raises(ValueError, match="one eigenvalue"):
             HessianEigensolver(k=2, method=method)
+
+
+# ---------------------------------------------------------------- graph reuse within a reading
+
+
+def _reuse_problem(dropout=False):
+    torch.manual_seed(5)
+    layers = [nn.Linear(6, 9), nn.Tanh()] + ([nn.Dropout(0.3)] if dropout else []) + [nn.Linear(9, 3)]
+    model = nn.Sequential(*layers).double()
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    return model, x, y
+
+
+def _dense_hessian(model, x, y, params, mode=None):
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.reshape(-1) for p in params])
+
+    def loss_of(f):
+        ps, i = [], 0
+        for p in params:
+            ps.append(f[i : i + p.numel()].view_as(p))
+            i += p.numel()
+        return nn.functional.cross_entropy(torch.func.functional_call(model, dict(zip(names, ps)), (x,)), y)
+
+    return torch.autograd.functional.hessian(loss_of, flat)
+
+
+@pytest.mark.parametrize("chunk_size, budget", [(None, 1 << 30), (13, 1 << 30), (13, 0), (13, "one")])
+def test_reused_graph_hvps_match_the_dense_hessian(chunk_size, budget):
+    model, x, y = _reuse_problem()
+    if budget == "one":  # room for the first chunk's graph only: the others are rebuilt each time
+        first = Objective(model, nn.CrossEntropyLoss(), [(x[:13], y[:13])])
+        ps = first.parameters()
+        first.hvp(ps, tuple(torch.ones_like(p) for p in ps))
+        budget = first.hvp_graph_bytes
+        assert budget > 0
+    obj = Objective.from_tensors(model, nn.CrossEntropyLoss(), x, y, chunk_size, hvp_graph_budget=budget)
+    params = obj.parameters()
+    H = _dense_hessian(model, x, y, params)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):  # the first product builds the graphs, the others reuse what was kept
+        v = torch.randn(H.shape[0], generator=gen, dtype=torch.float64)
+        hv = flatten(obj.hvp(params, unflatten(v, params)))
+        torch.testing.assert_close(hv, H @ v, rtol=1e-10, atol=1e-12)
+    assert obj.hvp_graph_bytes <= obj.hvp_graph_budget
+    kept = len(obj._graphs)
+    if budget == 0:
+        assert kept == 0 and obj.hvp_graph_bytes == 0
+    elif chunk_size is None or budget == 1 << 30:
+        assert kept == len(obj.chunks) and obj.hvp_graph_bytes > 0
+    else:
+        assert kept == 1
+    obj.release_hvp_graph()
+    assert obj.hvp_graph_bytes == 0 and not obj._graphs
+
+
+def test_reused_graph_follows_parameter_changes_and_keeps_dropout_masks():
+    model, x, y = _reuse_problem(dropout=True)
+    obj = Objective.from_tensors(model, nn.CrossEntropyLoss(), x, y, None, mode="train")
+    fresh = Objective.from_tensors(model, nn.CrossEntropyLoss(), x, y, None, mode="train", hvp_graph_budget=0)
+    params = obj.parameters()
+    v = tuple(torch.randn_like(p) for p in params)
+    first = obj.hvp(params, v)
+    # dropout: the kept graph holds the same masks a freshly built one draws (seeded per chunk)
+    for a, b in zip(obj.hvp(params, v), fresh.hvp(params, v)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for a, b in zip(first, fresh.hvp(params, v)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # an in-place change of the parameters invalidates the kept graph
+    with torch.no_grad():
+        params[0].mul_(1.5)
+    for a, b in zip(obj.hvp(params, v), fresh.hvp(params, v)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # new parameter tensors too
+    moved = tuple(p + 0.1 for p in params)
+    for a, b in zip(obj.hvp(moved, v), fresh.hvp(moved, v)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_hvp_operator_and_the_eigensolver_release_the_graph():
+    model, x, y = _reuse_problem()
+    obj = Objective.from_tensors(model, nn.CrossEntropyLoss(), x, y, 16)
+    params = obj.parameters()
+    H = _dense_hessian(model, x, y, params)
+    matvec = obj.hvp_operator(params)
+    v = torch.linspace(-1, 1, H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(matvec(v), H @ v, rtol=1e-10, atol=1e-12)
+    assert obj.hvp_graph_bytes > 0
+    result = HessianEigensolver(tol=1e-9)(obj, params)
+    assert obj.hvp_graph_bytes == 0  # a reading never leaves its graph behind
+    assert math.isclose(float(result.eigenvalues[0]), float(torch.linalg.eigvalsh(H)[-1]), rel_tol=1e-8)
+
+
+def test_hvp_graph_budget_must_be_non_negative():
+    model, x, y = _reuse_problem()
+    with pytest.raises(ValueError, match="hvp_graph_budget"):
+        Objective.from_tensors(model, nn.CrossEntropyLoss(), x, y, None, hvp_graph_budget=-1)

@@ -9,7 +9,7 @@ rule), never warm-started, for comparison only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +53,7 @@ class HessianEigensolver:
 
     def __call__(self, objective: Objective, params: Sequence[Tensor]) -> EigenResult:
         params = tuple(params)
+        matvec: Callable[[Tensor], Tensor]
         if self.method == "paper":
 
             def matvec(v: Tensor) -> Tensor:
@@ -60,23 +61,24 @@ class HessianEigensolver:
 
             solver = paper_power_iteration
         else:
-
-            def matvec(v: Tensor) -> Tensor:
-                return flatten(objective.hvp(params, unflatten(v, params)))
-
+            # every product after the first reuses the gradient graph (released below)
+            matvec = objective.hvp_operator(params)
             solver = SOLVERS[self.method]
         first = params[0]
-        result = solver(
-            matvec,
-            sum(p.numel() for p in params),
-            k=self.k,
-            v0=self.previous if self.warm_start else None,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            generator=self.generator,
-            dtype=first.dtype,
-            device=first.device,
-        )
+        try:
+            result = solver(
+                matvec,
+                sum(p.numel() for p in params),
+                k=self.k,
+                v0=self.previous if self.warm_start else None,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                generator=self.generator,
+                dtype=first.dtype,
+                device=first.device,
+            )
+        finally:
+            objective.release_hvp_graph()
         if self.warm_start and torch.isfinite(result.eigenvectors).all():
             self.previous = result.eigenvectors.detach().clone()
         return result

@@ -134,7 +134,12 @@ class ShardedObjective(Objective):
         return self._reduce_vector(grad)
 
     def hvp(self, params: Sequence[Tensor], vector: Sequence[Tensor]) -> Params:
+        # the local objective keeps its gradient graph between products at the same parameters;
+        # hvp_operator (inherited) goes through this method, so each product is one all-reduce
         return self._reduce_vector(self.local.hvp(params, vector))
+
+    def release_hvp_graph(self) -> None:
+        self.local.release_hvp_graph()
 
     def finite_difference_hvp(self, params: Sequence[Tensor], vector: Sequence[Tensor], eps: float = 1e-3) -> Params:
         plus = self.grad(tuple(p + eps * v for p, v in zip(params, vector)))

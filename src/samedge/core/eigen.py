@@ -50,11 +50,46 @@ class EigenResult:
     converged: bool
     matvecs: int
     method: str
+    #: distance from each Ritz value to the nearest other Ritz value the solver saw (Lanczos: all
+    #: the tridiagonal's; others: the ``k`` returned); NaN where there is none
+    gaps: np.ndarray | None = None
 
     @property
     def relative_residuals(self) -> np.ndarray:
         scale = max(float(np.max(np.abs(self.eigenvalues))), np.finfo(float).tiny)
         return self.residuals / scale
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """Error bound of each eigenvalue: ``min(r, r**2 / gap)`` (Kato-Temple's form, with the gap
+        estimated by the nearest other Ritz value; ``r`` alone where no gap is known).  The
+        residual part is rigorous (an eigenvalue lies within ``r`` of the Ritz value); the
+        ``r**2 / gap`` part relies on the gap estimate, which for the top value is the distance
+        to the second Ritz value (a lower bound of the second eigenvalue, so the estimate can be
+        too wide while the Krylov space has not yet resolved the second eigenvalue)."""
+        r = np.asarray(self.residuals, dtype=float)
+        if self.gaps is None:
+            return r.copy()
+        gaps = np.asarray(self.gaps, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            quad = np.where(np.isfinite(gaps) & (gaps > 0), r**2 / gaps, np.inf)
+        return np.minimum(r, quad)
+
+    @property
+    def relative_bounds(self) -> np.ndarray:
+        scale = max(float(np.max(np.abs(self.eigenvalues))), np.finfo(float).tiny)
+        return self.bounds / scale
+
+
+def _gaps(wanted: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """For each of ``wanted`` (a subset of ``seen``, by position), the distance to the nearest
+    other value of ``seen``."""
+    out = np.full(len(wanted), np.nan)
+    for i in range(len(wanted)):
+        others = np.delete(seen, i)
+        if len(others):
+            out[i] = float(np.min(np.abs(others - wanted[i])))
+    return out
 
 
 def _start_vector(dim: int, v0: Tensor | None, generator: torch.Generator | None, dtype, device) -> Tensor:
@@ -153,7 +188,9 @@ def lanczos(
     m = min(k, len(theta))
     Q = torch.stack(basis)
     ritz = torch.as_tensor(S[:, :m].T.copy(), dtype=dtype, device=device) @ Q
-    return EigenResult(theta[:m].copy(), ritz, residuals[:m].copy(), converged, len(basis), "lanczos")
+    return EigenResult(
+        theta[:m].copy(), ritz, residuals[:m].copy(), converged, len(basis), "lanczos", _gaps(theta[:m], theta)
+    )
 
 
 def eigsh(
@@ -195,7 +232,9 @@ def eigsh(
     residuals = np.array(
         [float(torch.linalg.vector_norm((matvec(v) - lam * v).double())) for lam, v in zip(vals, vectors)]
     )
-    return EigenResult(vals, vectors, residuals, converged and len(vals) == k, count + len(vals), "eigsh")
+    return EigenResult(
+        vals, vectors, residuals, converged and len(vals) == k, count + len(vals), "eigsh", _gaps(vals, vals)
+    )
 
 
 def power_iteration(

@@ -48,6 +48,8 @@ class Measurement:
     #: changed between products (randomness or state the objective does not control) is never
     #: reported as converged
     hvp_consistent: bool | None = None
+    #: error bound of the sharpness relative to it (``EigenResult.relative_bounds`` of the top value)
+    eig_bound: float = math.nan
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +108,7 @@ def measure(
         hvps=hvps,
         sharpness_perturbed=sharpness_perturbed,
         hvp_consistent=consistent,
+        eig_bound=float(result.relative_bounds[0]),
     )
 
 
@@ -116,7 +119,12 @@ def repeat_check(objective: Objective, params: Sequence[Tensor], vector: Tensor,
     state between calls).  A warning says so when they disagree."""
     like = tuple(params)
     v = unflatten(vector.to(like[0].dtype), like)
-    first, second = flatten(objective.hvp(like, v)), flatten(objective.hvp(like, v))
+    # each product on a freshly built graph: a reused graph would agree with itself trivially
+    objective.release_hvp_graph()
+    first = flatten(objective.hvp(like, v))
+    objective.release_hvp_graph()
+    second = flatten(objective.hvp(like, v))
+    objective.release_hvp_graph()
     scale = float(torch.linalg.vector_norm(first.double()))
     diff = float(torch.linalg.vector_norm((first - second).double()))
     bound = max(tol, 100 * torch.finfo(first.dtype).eps) * scale

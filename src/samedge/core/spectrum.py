@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from samedge.core.objective import Objective
-from samedge.core.params import flatten, unflatten
 
 Matvec = Callable[[Tensor], Tensor]
 
@@ -233,10 +232,7 @@ def slq_density(
 
 def _hessian_matvec(objective: Objective, params: Sequence[Tensor]) -> tuple[Matvec, int, torch.dtype, torch.device]:
     params = tuple(params)
-
-    def matvec(v: Tensor) -> Tensor:
-        return flatten(objective.hvp(params, unflatten(v, params)))
-
+    matvec = objective.hvp_operator(params)  # reuses one gradient graph for all the products
     return matvec, sum(p.numel() for p in params), params[0].dtype, params[0].device
 
 
@@ -250,9 +246,12 @@ def hessian_trace(
 ) -> TraceEstimate:
     """Hutchinson trace of the Hessian of ``objective`` at ``params`` (exact, chunked HVPs)."""
     matvec, dim, dtype, device = _hessian_matvec(objective, params)
-    return hutchinson_trace(
-        matvec, dim, probes=probes, generator=generator, deflate=deflate, dtype=dtype, device=device
-    )
+    try:
+        return hutchinson_trace(
+            matvec, dim, probes=probes, generator=generator, deflate=deflate, dtype=dtype, device=device
+        )
+    finally:
+        objective.release_hvp_graph()
 
 
 def hessian_density(
@@ -265,4 +264,7 @@ def hessian_density(
 ) -> SpectralDensity:
     """SLQ spectral density of the Hessian of ``objective`` at ``params`` (exact, chunked HVPs)."""
     matvec, dim, dtype, device = _hessian_matvec(objective, params)
-    return slq_density(matvec, dim, probes=probes, steps=steps, generator=generator, dtype=dtype, device=device)
+    try:
+        return slq_density(matvec, dim, probes=probes, steps=steps, generator=generator, dtype=dtype, device=device)
+    finally:
+        objective.release_hvp_graph()

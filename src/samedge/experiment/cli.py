@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     flat.add_argument("--depart", type=float, default=0.1, help="relative sharpness difference counted as departed")
     _add_config_flags(flat)
 
+    mes = sub.add_parser("measure", help="re-measure the top Hessian eigenpairs at a run's saved (last) weights")
+    mes.add_argument("run_dir")
+    mes.add_argument("--eig-k", type=int, default=1, help="number of top eigenpairs (default 1)")
+    mes.add_argument("--eig-tol", type=float, default=1e-6, help="relative residual to stop at (default 1e-6)")
+    mes.add_argument("--eig-method", default="lanczos", help="eigen-solver: lanczos (default), eigsh, power")
+    mes.add_argument("--eig-max-iter", type=int, default=300, help="most HVPs (Lanczos) (default 300)")
+    mes.add_argument("--json", action="store_true", help="print the result as JSON")
+
     plot = sub.add_parser("plot", help="draw the figures of a run directory from its metrics")
     plot.add_argument("run_dir")
 
@@ -285,6 +293,29 @@ def _report(s: dict, out: Path) -> None:
                 f"median {_fmt(s[f'{prefix}ratio_median'], '.3f')} "
                 f"(IQR {_fmt(s[f'{prefix}ratio_q25'], '.3f')}-{_fmt(s[f'{prefix}ratio_q75'], '.3f')})"
             )
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    import json
+
+    from samedge.experiment.remeasure import remeasure
+
+    if not 0 < args.eig_tol < 1:
+        raise ConfigError(f"--eig-tol must be in (0, 1), got {args.eig_tol}")
+    if args.eig_k < 1 or args.eig_max_iter < 1:
+        raise ConfigError("--eig-k and --eig-max-iter must be >= 1")
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"{args.run_dir} is not a directory")
+    out = remeasure(args.run_dir, k=args.eig_k, tol=args.eig_tol, method=args.eig_method, max_iter=args.eig_max_iter)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    print(f"{out['task']} run {out['run_dir']} at step {out['step']} ({out['method']}, {out['hvps']} HVPs):")
+    for i, (lam, r, b) in enumerate(zip(out["eigenvalues"], out["relative_residuals"], out["relative_bounds"]), 1):
+        print(f"  lambda_{i} = {lam:.8g}  (relative residual {_fmt(r, '.1e')}, bound {_fmt(b, '.1e')})")
+    if not out["converged"]:
+        print(f"  not converged to {out['tol']:g} within {args.eig_max_iter} HVPs")
+    return EXIT_OK
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -432,6 +463,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
     "flatness": _cmd_flatness,
+    "measure": _cmd_measure,
     "plot": _cmd_plot,
     "edge": _cmd_edge,
     "download": _cmd_download,

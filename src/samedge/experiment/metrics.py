@@ -71,7 +71,7 @@ def base_columns(
         cols += EVAL_COLUMNS
     if trace:
         cols += ["trace", "trace_stderr", "trace_hvps"]
-    cols += ["eig_residual", "eig_converged", "hvps", "elapsed_s"]
+    cols += ["eig_residual", "eig_bound", "eig_converged", "hvps", "elapsed_s"]
     return cols
 
 

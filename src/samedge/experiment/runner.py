@@ -223,6 +223,14 @@ def _run(
         status["resumed_from_step"] = state.step
     start = time.perf_counter() - state.elapsed
     saved_config = cfg.to_dict()
+    # cost accounting (this process, since the start or the resume): what training and measuring spent
+    cost: dict[str, Any] = {
+        "train_gradients": 0,
+        "train_seconds": 0.0,
+        "measure_gradients": 0,
+        "measure_hvps": 0,
+        "measure_seconds": 0.0,
+    }
 
     def boundary(step: int, finished: bool = False) -> TrainState:
         return solvers.state(step, params, velocity, time.perf_counter() - start, finished, secants)
@@ -244,9 +252,11 @@ def _run(
         try:
             for step in range(state.step, cfg.steps + 1) if not state.finished else ():
                 at_start = boundary(step)
+                tick = time.perf_counter()
                 # 1. loss and gradient at w_t on the step's objective
                 objective = task.objective_at(step)
                 ev = objective.loss_and_grad(params)
+                cost["train_gradients"] += 1
                 assert ev.grad is not None
                 g_norm = norm(ev.grad)
                 if not (math.isfinite(ev.loss) and math.isfinite(g_norm)):
@@ -254,13 +264,15 @@ def _run(
                     break
                 last_good = at_start
                 # 2. the direction: g, or the SAM/USAM gradient at w_t + e
-                direction = method.direction(objective.grad, params, ev.grad)
+                direction = method.direction(_counted(objective.grad, cost, "train_gradients"), params, ev.grad)
+                cost["train_seconds"] += time.perf_counter() - tick
                 if secants is not None:  # every rank observes (the pairs are replicated state)
                     step_row = _step_row(step, ev.loss, g_norm, method, secants, params, ev.grad, direction)
                     if steps_writer is not None:
                         steps_writer.write(step_row)
                 # 3. a measurement, written at once
                 if step % cfg.measure_every == 0 or step == cfg.steps:
+                    tick = time.perf_counter()
                     row, m = _measurement_row(cfg, task, method, solvers, objective, params, ev, direction)
                     row["step"] = step
                     if cfg.trace_every:
@@ -268,6 +280,9 @@ def _run(
                     density = solvers.spectrum.density(objective, params, step)
                     if density is not None and density_writer is not None:
                         density_writer.write(step, density)
+                    cost["measure_seconds"] += time.perf_counter() - tick
+                    cost["measure_hvps"] += sum(int(row.get(c) or 0) for c in ("hvps", "eval_hvps", "trace_hvps"))
+                    cost["measure_gradients"] += 1 if "eval_hvps" in row else 0  # the evaluation batch's gradient
                     row["elapsed_s"] = round(time.perf_counter() - start, 3)
                     rows.write(row)
                     bar.set_postfix(loss=f"{ev.loss:.4g}", sharp=f"{m.sharpness:.4g}", edge=f"{m.edge:.4g}")
@@ -280,7 +295,9 @@ def _run(
                 if on_step is not None:
                     on_step(step)
                 # 4. the update w_{t+1}
+                tick = time.perf_counter()
                 params, velocity = method.update(params, direction, velocity)
+                cost["train_seconds"] += time.perf_counter() - tick
                 bar.update(1)
                 # 5. a checkpoint every checkpoint_every steps
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
@@ -308,6 +325,13 @@ def _run(
         test = task.test.evaluate(params)
         summary.update(test_loss=test.loss, test_accuracy=test.accuracy, test_error=1.0 - test.accuracy)
     summary["elapsed_s"] = elapsed
+    since = time.perf_counter() - start - state.elapsed  # this process's wall time
+    cost.update(
+        train_share=cost["train_seconds"] / since if since > 0 else None,
+        measure_share=cost["measure_seconds"] / since if since > 0 else None,
+        wall_seconds=since,
+    )
+    summary["cost"] = cost
     if writer and not write_summary(run_dir / "summary.json", summary):
         _note(f"kept {run_dir / 'summary.json'}: it was computed from more rows than metrics.csv now holds")
     return RunResult(run_dir, summary)
@@ -343,6 +367,16 @@ def _measurement_row(
         test = task.test.evaluate(params)
         row.update(test_loss=test.loss, test_accuracy=test.accuracy)
     return row, m
+
+
+def _counted(grad: Callable[[Params], Params], cost: dict[str, Any], key: str) -> Callable[[Params], Params]:
+    """``grad`` that counts its calls in ``cost[key]`` (the SAM/USAM direction's extra gradient)."""
+
+    def counted(params: Params) -> Params:
+        cost[key] += 1
+        return grad(params)
+
+    return counted
 
 
 def _step_row(
@@ -396,6 +430,7 @@ def _row(ev: Evaluation, m: Measurement, eig_k: int) -> dict[str, Any]:
         "sam_grad_alignment": m.sam_grad_alignment,
         "sharpness_perturbed": m.sharpness_perturbed,
         "eig_residual": m.relative_residual,
+        "eig_bound": m.eig_bound,
         "eig_converged": m.converged,
         "hvps": m.hvps,
     }
