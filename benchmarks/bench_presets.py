@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--out", help="keep the run directory here (default: a temporary one, removed)")
     ap.add_argument("extra", nargs="*", help="further settings for samedge run, after --")
     args = ap.parse_args()
-    cmd = ["samedge", "run", args.task, "--no-plots"]
+    cmd = [sys.executable, "-m", "samedge", "run", args.task, "--no-plots"]
     if args.preset:
         cmd += ["--preset", args.preset]
     if args.data:
@@ -107,7 +107,7 @@ def main() -> None:
         summary = json.loads((out / "summary.json").read_text())
         track = tracking(out / "metrics.csv")
     ref = (ref_before + ref_after) / 2
-    print(f"command: {' '.join(cmd)}")
+    print(f"command: samedge {' '.join(cmd[3:])}")
     print(f"wall {wall:.1f} s; reference workload {ref_before:.2f} s before, {ref_after:.2f} s after")
     print(f"ratio to the reference workload: {wall / ref:.1f}x")
     keys = (
