@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from independent import top_eigenvalue
 
+from samedge.core.curvature import HessianEigensolver
 from samedge.core.params import flatten
 from samedge.core.thresholds import sam_edge
 from samedge.data.sampling import MinibatchSampler, fixed_sample
@@ -264,3 +265,25 @@ def test_shakespeare_ascii_vocabulary(shared_data):
     # the same text, encoded by code point: the first training window is the same characters
     x_text, x_ascii = text.train.chunks[0][0][0], ascii_.train.chunks[0][0][0]
     assert int(x_ascii.max()) < 128 and x_ascii.shape == x_text.shape
+
+
+@pytest.mark.slow
+def test_shakespeare_preset_tolerance_reads_the_top_eigenvalue(shared_data):
+    """The default preset loosens the eigen-solver's tolerance (``eig_tol``) to save HVPs; its
+    warm-started readings along a SAM run still give each minibatch's top Hessian eigenvalue to
+    within that tolerance, against ARPACK (to 1e-6) on the same minibatch (float64, small model)."""
+    text = shared_data / "tinyshakespeare" / "input.txt"
+    small = dict(n_train=64, n_test=16, seq_len=16, d_model=16, layers=1, heads=2, key_size=8, batch_size=8)
+    cfg = build_config("shakespeare", overrides=dict(data=str(text), dtype="float64", eval_batch_size=0, **small))
+    assert cfg.eig_tol == pytest.approx(1e-2)  # the preset's setting is what is tested
+    task = build_task(cfg)
+    method = cfg.method()
+    solver = HessianEigensolver(k=1, method=cfg.eig_method, tol=cfg.eig_tol, max_iter=cfg.eig_max_iter, seed=cfg.seed)
+    params = task.train.parameters()
+    for step in range(2):
+        objective = task.objective_at(step)
+        reading = solver(objective, params)
+        exact = top_eigenvalue(lambda v, o=objective, p=params: o.hvp(p, v), params, tol=1e-6)
+        assert float(reading.eigenvalues[0]) == pytest.approx(exact, rel=cfg.eig_tol)
+        grad = objective.loss_and_grad(params).grad
+        params, _ = method.update(params, method.direction(objective.grad, params, grad))
