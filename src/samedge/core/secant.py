@@ -218,11 +218,18 @@ class StepSecants:
         return self.method.perturbs and self.method.rho > 0.0
 
     def observe(
-        self, params: Sequence[Tensor], grad: Sequence[Tensor], direction: Sequence[Tensor]
+        self,
+        params: Sequence[Tensor],
+        grad: Sequence[Tensor],
+        direction: Sequence[Tensor],
+        grad_norm: float | None = None,
     ) -> SecantEstimate | None:
+        """``grad_norm`` is ``||grad||`` where the caller has it already (it is computed otherwise)."""
         g = flatten(grad)
         if self.uses_perturbation_pairs:
-            scale = self.method.perturbation_scale(float(torch.linalg.vector_norm(g.double())))
+            if grad_norm is None:
+                grad_norm = float(torch.linalg.vector_norm(g.double()))
+            scale = self.method.perturbation_scale(grad_norm)
             self.window.push(g * scale, flatten(direction) - g)
         else:
             w = flatten(params)

@@ -390,7 +390,7 @@ def _step_row(
     direction: Params,
 ) -> dict[str, Any]:
     """One row of ``steps.csv``: the secant estimate at ``w_t`` where it passes the residual rule."""
-    est = secants.observe(params, grad, direction)
+    est = secants.observe(params, grad, direction, grad_norm=g_norm)
     return {
         "step": step,
         "train_loss": loss,
