@@ -314,3 +314,97 @@ def test_lanczos_bounds_cover_the_true_error_and_are_tighter_than_the_residual()
         lambda v: a @ v, 200, tol=1e-3, generator=torch.Generator().manual_seed(0), dtype=torch.float64
     )
     np.testing.assert_array_equal(single.bounds, single.residuals)
+
+
+# --- block starts: a cluster of near-equal top eigenvalues whose eigenvectors rotate between solves
+
+CLUSTER = np.array([10.0, 9.97, 9.9, 9.8])
+
+
+def rotated_cluster_block(top_vecs, angle, b, seed=3):
+    """The top ``b`` eigenvectors of a clustered matrix, mixed among themselves (a rotation inside
+    the cluster) and tilted by ``angle`` out of it: what the previous solve hands over."""
+    g = torch.Generator().manual_seed(seed)
+    mix, _ = torch.linalg.qr(torch.randn(len(top_vecs), len(top_vecs), generator=g, dtype=torch.float64))
+    noise = torch.randn(b, top_vecs.shape[1], generator=g, dtype=torch.float64)
+    return (mix @ top_vecs)[:b] + angle * noise / noise.norm(dim=1, keepdim=True)
+
+
+def test_block_start_finds_the_top_of_a_cluster_with_true_residuals():
+    A, top_vecs, _ = known_matrix(top=CLUSTER)
+    counter = Counter(A)
+    block = rotated_cluster_block(top_vecs, 1e-2, 3)
+    result = lanczos(counter, DIM, k=2, v0=block, tol=1e-8, max_iter=DIM, dtype=torch.float64)
+    assert result.converged
+    assert result.matvecs == counter.calls
+    assert np.allclose(result.residuals, true_residuals(A, result), rtol=1e-6, atol=1e-12)
+    assert np.all(result.residuals <= 1e-8 * result.eigenvalues[0] * (1 + 1e-9))
+    assert np.all(np.abs(result.eigenvalues - CLUSTER[:2]) <= result.bounds + 1e-12)
+    assert np.all(result.bounds <= result.residuals)
+    V = result.eigenvectors
+    assert torch.allclose(V @ V.T, torch.eye(2, dtype=torch.float64), atol=1e-10)
+
+
+def test_block_start_is_cheaper_than_its_first_vector_alone_on_a_rotated_cluster():
+    A, top_vecs, _ = known_matrix(top=CLUSTER)
+    block = rotated_cluster_block(top_vecs, 1e-3, 4)
+    one, many = Counter(A), Counter(A)
+    single = lanczos(one, DIM, k=1, v0=block[0], tol=1e-6, max_iter=DIM, dtype=torch.float64)
+    blocked = lanczos(many, DIM, k=1, v0=block, tol=1e-6, max_iter=DIM, dtype=torch.float64)
+    assert single.converged and blocked.converged
+    assert blocked.eigenvalues[0] == pytest.approx(CLUSTER[0], rel=1e-6)
+    assert single.eigenvalues[0] == pytest.approx(CLUSTER[0], rel=1e-6)
+    assert blocked.matvecs < single.matvecs
+
+
+def test_start_block_of_exact_eigenvectors():
+    # an invariant block (exact eigenvectors, zero residuals) that holds the top eigenvector:
+    # converged after the block's products plus the one random product that checks it
+    A, top_vecs, _ = known_matrix()
+    counter = Counter(A)
+    result = lanczos(counter, DIM, k=2, v0=top_vecs, tol=1e-8, max_iter=DIM, generator=gen(), dtype=torch.float64)
+    assert result.converged
+    assert np.allclose(result.eigenvalues, TOP[:2], rtol=1e-12)
+    assert result.matvecs == counter.calls == len(top_vecs) + 1
+
+
+@pytest.mark.parametrize("start", ["none", "vector", "block"])
+def test_keep_returns_the_top_ritz_vectors_for_the_next_start(start):
+    A, top_vecs, _ = known_matrix(top=CLUSTER)
+    v0 = {"none": None, "vector": top_vecs[0] + 0.1 * top_vecs[3], "block": rotated_cluster_block(top_vecs, 1e-2, 3)}
+    result = lanczos(
+        Counter(A), DIM, k=1, keep=3, v0=v0[start], tol=1e-8, max_iter=DIM, generator=gen(), dtype=torch.float64
+    )
+    assert result.eigenvectors.shape == (1, DIM) and result.block.shape == (3, DIM)
+    B = result.block
+    assert torch.allclose(B @ B.T, torch.eye(3, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(B[0], result.eigenvectors[0])
+    # the kept vectors are Ritz vectors: their Rayleigh quotients are the top Ritz values, near the cluster
+    rayleigh = torch.einsum("bi,ij,bj->b", B, A, B)
+    assert torch.all(rayleigh[:-1] >= rayleigh[1:] - 1e-10)
+    assert float(rayleigh[0]) == pytest.approx(CLUSTER[0], rel=1e-8)
+    assert lanczos(Counter(A), DIM, k=1, tol=1e-8, generator=gen(), dtype=torch.float64).block is None
+
+
+def test_block_start_rejects_a_bad_block():
+    A, _, _ = known_matrix()
+    with pytest.raises(ValueError, match="shape"):
+        lanczos(Counter(A), DIM, v0=torch.ones(2, DIM + 1, dtype=torch.float64), dtype=torch.float64)
+    with pytest.raises(ValueError, match="nonzero"):
+        lanczos(Counter(A), DIM, v0=torch.zeros(2, DIM, dtype=torch.float64), dtype=torch.float64)
+    with pytest.raises(ValueError, match="finite"):
+        lanczos(Counter(A), DIM, v0=torch.full((2, DIM), float("nan"), dtype=torch.float64), dtype=torch.float64)
+
+
+def test_block_start_finds_every_copy_of_a_repeated_top_eigenvalue():
+    # eigenvalue 5 three times over a bulk at 1: one start vector's Krylov space sees one copy; a
+    # warm block near the eigenspace holds all three
+    dim = 60
+    A, top_vecs, _ = known_matrix(dim=dim, top=np.array([5.0, 5.0, 5.0]), low=1.0, high=1.0)
+    block = top_vecs + 1e-3 * torch.randn(3, dim, generator=gen(7), dtype=torch.float64)
+    counter = Counter(A)
+    result = lanczos(counter, dim, k=3, v0=block, tol=1e-8, generator=gen(), dtype=torch.float64)
+    assert result.converged
+    assert np.allclose(result.eigenvalues, [5.0, 5.0, 5.0], atol=1e-8)
+    assert result.matvecs == counter.calls <= 8
+    assert torch.allclose(torch.linalg.svdvals(top_vecs @ result.eigenvectors.T), torch.ones(3, dtype=torch.float64))

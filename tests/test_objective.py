@@ -350,8 +350,28 @@ def test_state_dict_round_trip():
     assert np.array_equal(r1.eigenvalues, r2.eigenvalues) and r1.matvecs == r2.matvecs
 
 
+def test_block_kept_for_the_next_start_matches_the_dense_hessian():
+    obj = make_objective()
+    params = obj.parameters()
+    solver = HessianEigensolver(k=1, tol=1e-8, block=3)
+    first = solver(obj, params)
+    assert solver.previous is not None and solver.previous.shape == (3, NUM_PARAMS)
+    top, _ = dense_top("mse", 1)
+    assert first.eigenvalues[0] == pytest.approx(top[0], rel=1e-7)
+    # the next solve starts from the block: at a nearby point it agrees with a cold solve
+    grad = obj.grad(params)
+    moved = tuple(p - 1e-3 * g for p, g in zip(params, grad))
+    warm = solver(obj, moved)
+    cold = hessian_eigenpairs(obj, moved, tol=1e-8)
+    assert warm.converged and warm.eigenvalues[0] == pytest.approx(cold.eigenvalues[0], rel=1e-7)
+    assert HessianEigensolver(k=2, block=1).block == 2  # never fewer than k
+    assert HessianEigensolver(method="eigsh", block=3).block == 1  # lanczos only
+
+
 def test_eigensolver_errors():
     assert set(METHODS) == {"lanczos", "eigsh", "power", "paper-power", "paper"}
+    with pytest.raises(ValueError, match="block must be"):
+        HessianEigensolver(block=0)
     with pytest.raises(ValueError, match="unknown eigen-solver"):
         HessianEigensolver(method="arnoldi")
     with pytest.raises(ValueError, match="k must be"):

@@ -2,7 +2,8 @@
 
 :class:`HessianEigensolver` binds an objective's exact HVP to a solver from :mod:`samedge.eigen`
 and keeps the last eigenvectors, so that a reading during training starts from the previous
-one (a few HVPs instead of tens).  Method ``"paper"`` is Long & Bartlett's estimator (finite-
+one (a few HVPs instead of tens).  With ``block = b > k`` it keeps the top ``b`` Ritz vectors and
+starts the next solve from that block (see :func:`samedge.core.eigen.lanczos`).  Method ``"paper"`` is Long & Bartlett's estimator (finite-
 difference HVP with ``eps = 1e-3``, power iteration from a fresh random vector, relative-change
 rule), never warm-started, for comparison only.
 """
@@ -38,6 +39,7 @@ class HessianEigensolver:
         warm_start: bool = True,
         seed: int = 0,
         fd_eps: float = 1e-3,
+        block: int = 1,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown eigen-solver {method!r}; choose one of {', '.join(METHODS)}")
@@ -45,7 +47,11 @@ class HessianEigensolver:
             raise ValueError(f"k must be >= 1, got {k}")
         if method in ONE_EIGENPAIR_METHODS and k != 1:
             raise ValueError(f"eigen-solver {method!r} finds one eigenvalue; use k = 1 or lanczos")
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
         self.k, self.method, self.tol, self.max_iter = k, method, tol, max_iter
+        #: Ritz vectors carried from one solve to the next as its start (lanczos only; at least k)
+        self.block = max(block, k) if method == "lanczos" else k
         self.warm_start = warm_start and method != "paper"
         self.fd_eps = fd_eps
         self.generator = torch.Generator().manual_seed(seed)
@@ -76,11 +82,13 @@ class HessianEigensolver:
                 generator=self.generator,
                 dtype=first.dtype,
                 device=first.device,
+                **({"keep": self.block} if self.block > self.k else {}),
             )
         finally:
             objective.release_hvp_graph()
-        if self.warm_start and torch.isfinite(result.eigenvectors).all():
-            self.previous = result.eigenvectors.detach().clone()
+        start = result.block if result.block is not None else result.eigenvectors
+        if self.warm_start and torch.isfinite(start).all():
+            self.previous = start.detach().clone()
         return result
 
     def state_dict(self) -> dict:
