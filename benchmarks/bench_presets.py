@@ -12,6 +12,12 @@ CPU cores of the development machine).  The preset runs as a user runs it, ``sam
     python benchmarks/bench_presets.py cifar10 --data DIR
     python benchmarks/bench_presets.py shakespeare --data FILE -- --seed 1   # extra settings
 
+It also prints the run's wall time over its floor: ``steps x`` the time of one optimizer step plus
+``readings x`` the time of the cheapest possible reading (a warm solve started from the converged
+top eigenvector, evaluation batch included), both timed at the run's final weights in one process
+of their own (fastest of 3).  What lies above the floor is the readings' extra HVPs, the first
+(cold) reading, loading data, writing files and checkpoints.
+
 It prints the wall time, the workload's seconds before and after, their ratio, and what the run
 measured: the step where the sharpness reached its edge (summary.json's ``edge_reached_step``),
 the median and IQR of sharpness/edge from there, and the minibatch check of the acceptance test
@@ -65,6 +71,58 @@ def timed_reference() -> float:
     return float(out.strip().splitlines()[-1])
 
 
+def cost_floor(run_dir: Path, repeats: int = 3) -> dict:
+    """Seconds of one optimizer step and of the cheapest reading at ``run_dir``'s final weights."""
+
+    from samedge.core.curvature import HessianEigensolver
+    from samedge.experiment.checkpoint import load_checkpoint
+    from samedge.experiment.rundir import load_run_config
+    from samedge.experiment.tasks import build_task
+
+    cfg = load_run_config(run_dir)
+    task = build_task(cfg)
+    like = task.train.parameters()
+    state = load_checkpoint(run_dir, cfg.to_dict(), like, device=like[0].device)
+    step = state.step - 1 if state.finished else state.step
+    objective, method, params = task.objective_at(step), cfg.method(), state.params
+
+    def fastest(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def optimizer_step() -> None:
+        ev = objective.loss_and_grad(params)
+        method.update(params, method.direction(objective.grad, params, ev.grad))
+
+    def solvers():
+        pairs = [(objective, HessianEigensolver(k=cfg.eig_k, tol=cfg.eig_tol, max_iter=cfg.eig_max_iter))]
+        if task.eval_batch is not None:
+            pairs.append((task.eval_batch, HessianEigensolver(tol=cfg.eig_tol, max_iter=cfg.eig_max_iter)))
+        for obj, solver in pairs:
+            solver(obj, params)  # converge once: later solves start from the eigenvector itself
+        return pairs
+
+    pairs = solvers()
+    hvps = []
+
+    def reading() -> None:
+        hvps.append(sum(solver(obj, params).matvecs for obj, solver in pairs))
+
+    return {"step_seconds": fastest(optimizer_step), "reading_seconds": fastest(reading), "reading_hvps": min(hvps)}
+
+
+def timed_floor(run_dir: Path) -> dict:
+    """:func:`cost_floor` in a fresh process, with the run's (torch's default) threads."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--floor", str(run_dir)], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def tracking(metrics: Path) -> dict:
     """The acceptance test's minibatch check on ``metrics.csv``."""
     import csv
@@ -81,6 +139,9 @@ def tracking(metrics: Path) -> dict:
 def main() -> None:
     if sys.argv[1:] == ["--reference"]:
         print(f"{reference_workload():.3f}")
+        return
+    if len(sys.argv) == 3 and sys.argv[1] == "--floor":
+        print(json.dumps(cost_floor(Path(sys.argv[2]))))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("task")
@@ -106,10 +167,26 @@ def main() -> None:
             sys.exit(f"bench_presets: {' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
         summary = json.loads((out / "summary.json").read_text())
         track = tracking(out / "metrics.csv")
+        floor = timed_floor(out)
+        readings = sum(1 for _ in (out / "metrics.csv").open()) - 1
+        steps = int(summary["final_step"])
     ref = (ref_before + ref_after) / 2
     print(f"command: samedge {' '.join(cmd[3:])}")
     print(f"wall {wall:.1f} s; reference workload {ref_before:.2f} s before, {ref_after:.2f} s after")
     print(f"ratio to the reference workload: {wall / ref:.1f}x")
+    floor_s = steps * floor["step_seconds"] + readings * floor["reading_seconds"]
+    print(
+        f"floor: {steps} steps x {floor['step_seconds']:.3f} s + {readings} readings x "
+        f"{floor['reading_seconds']:.3f} s ({floor['reading_hvps']} HVPs) = {floor_s:.1f} s; "
+        f"wall / floor {wall / floor_s:.2f}"
+    )
+    cost = summary.get("cost", {})
+    if cost:
+        print(
+            f"cost: training {cost['train_gradients']} gradients, {cost['train_share']:.0%} of the wall time; "
+            f"measuring {cost['measure_hvps']} HVPs + {cost['measure_gradients']} gradients, "
+            f"{cost['measure_share']:.0%}"
+        )
     keys = (
         "edge_reached_step",
         "ratio_median",
