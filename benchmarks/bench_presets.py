@@ -148,8 +148,11 @@ def main() -> None:
     ap.add_argument("--preset", help="preset name (default: the task's default preset)")
     ap.add_argument("--data")
     ap.add_argument("--out", help="keep the run directory here (default: a temporary one, removed)")
-    ap.add_argument("extra", nargs="*", help="further settings for samedge run, after --")
-    args = ap.parse_args()
+    argv = sys.argv[1:]
+    # settings for samedge run follow "--" (split here: argparse would give them to the task)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.extra = extra
     cmd = [sys.executable, "-m", "samedge", "run", args.task, "--no-plots"]
     if args.preset:
         cmd += ["--preset", args.preset]
