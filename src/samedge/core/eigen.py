@@ -200,16 +200,23 @@ def lanczos(
             q = w / beta
         betas.append(beta_next)
         beta = beta_next
-    m = min(k, len(theta))
     Q = torch.stack(basis)
-    kept = min(keep, len(theta))
-    ritz = torch.as_tensor(S[:, :kept].T.copy(), dtype=dtype, device=device) @ Q
+    return _ritz_result(theta, S, Q, residuals, k, keep, converged, dtype)
+
+
+def _ritz_result(
+    theta: np.ndarray, S: np.ndarray, Q: Tensor, residuals: np.ndarray, k: int, keep: int, converged: bool, dtype
+) -> EigenResult:
+    """The top ``k`` Ritz pairs of basis ``Q`` (rows) with coefficients ``S`` (columns, by
+    ``theta`` descending), and the top ``keep`` Ritz vectors as ``block`` when ``keep > k``."""
+    m, kept = min(k, len(theta)), min(keep, len(theta))
+    ritz = (torch.as_tensor(S[:, :kept].T.copy(), dtype=Q.dtype, device=Q.device) @ Q).to(dtype)
     return EigenResult(
         theta[:m].copy(),
         ritz[:m],
-        residuals[:m].copy(),
+        np.asarray(residuals[:m]).copy(),
         converged,
-        len(basis),
+        len(Q),
         "lanczos",
         _gaps(theta[:m], theta),
         block=ritz if kept > m else None,
@@ -277,7 +284,6 @@ def _block_started(
         Sm = torch.as_tensor(S[:, :m].T.copy(), dtype=torch.float64, device=Q.device)
         R = Sm @ AQ - torch.as_tensor(theta[:m].copy(), device=Q.device)[:, None] * (Sm @ Q)
         residuals = torch.linalg.vector_norm(R, dim=1).cpu().numpy()
-        gaps = _gaps(theta[:m], theta)
         scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
         # as for one start vector: a basis that is an invariant subspace (a block of exact
         # eigenvectors) is trusted only after one more product with a random vector; like any
@@ -300,18 +306,7 @@ def _block_started(
         Aq = matvec(q.to(dtype)).double()
         T = torch.cat([torch.cat([T, (Q @ Aq)[:, None]], dim=1), torch.cat([AQ @ q, (q @ Aq)[None]])[None]], dim=0)
         Q, AQ = torch.cat([Q, q[None]]), torch.cat([AQ, Aq[None]])
-    kept = min(keep, len(theta))
-    ritz = (torch.as_tensor(S[:, :kept].T.copy(), dtype=torch.float64, device=Q.device) @ Q).to(dtype)
-    return EigenResult(
-        theta[:m].copy(),
-        ritz[:m],
-        residuals[:m].copy(),
-        converged,
-        len(Q),
-        "lanczos",
-        gaps,
-        block=ritz if kept > m else None,
-    )
+    return _ritz_result(theta, S, Q, residuals, k, keep, converged, dtype)
 
 
 def eigsh(

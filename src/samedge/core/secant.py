@@ -48,8 +48,11 @@ __all__ = [
 #: An estimate is reported when its relative residual is at most this.  Measured on the MNIST
 #: defaults (benchmarks/bench_secant.py): once SAM's sharpness reaches its edge its perturbation
 #: pairs give residuals of 0.06-0.14 and estimates 0.95-1.00 of the Lanczos value; before the
-#: edge the residuals are 0.45-10 and the estimates off by 25-99%.
-SECANT_MAX_RESIDUAL = 0.25
+#: edge the residuals are 0.45-10 and the estimates off by 25-99%.  It was 0.25 until a GD
+#: reading (the mnist-gd preset, step 140) passed with residual 0.246 and an estimate 10.6% high;
+#: every other written estimate there had a residual of at most 0.16 (SAM: 0.06-0.16; GD:
+#: 0.004-0.08), so 0.2 keeps them all and drops that one.
+SECANT_MAX_RESIDUAL = 0.2
 
 #: Default window sizes, by kind of pair (measured as above).  SAM's perturbation pairs are short
 #: (length rho) secants at the current point: 10 of them give 0.95-1.00 of lambda_1 at the edge
