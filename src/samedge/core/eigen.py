@@ -262,7 +262,7 @@ def _block_started(
 
     It stops on the residual, as the one-vector path does.  Stopping on the error bound
     ``min(r, r**2 / gap)`` instead was tried and dropped: on the CIFAR-10 default (block of 3,
-    readings every 10 steps) it cut the median to 7 HVPs, but one reading in ten converged to the
+    readings every 10 steps) it cut the median to 7 HVPs, but one reading in nine converged to the
     cluster's second eigenvalue, 1.7% below the sharpness, while its bound said 8e-4: a block whose
     vectors stopped early is a worse start for the next reading, and the gap the bound relies on
     is then not there."""
