@@ -75,11 +75,11 @@ def cost_floor(run_dir: Path, repeats: int = 3) -> dict:
     """Seconds of one optimizer step and of the cheapest reading at ``run_dir``'s final weights."""
 
     from samedge.core.curvature import HessianEigensolver
-    from samedge.experiment.checkpoint import load_checkpoint
-    from samedge.experiment.rundir import load_run_config
+    from samedge.experiment.store.checkpoint import load_checkpoint
+    from samedge.experiment.store.layout import RunDir
     from samedge.experiment.tasks import build_task
 
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).read_config()
     task = build_task(cfg)
     like = task.train.parameters()
     state = load_checkpoint(run_dir, cfg.to_dict(), like, device=like[0].device)

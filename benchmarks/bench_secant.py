@@ -26,8 +26,8 @@ import torch
 from _report import machine, publish
 
 from samedge.experiment.config import build_config
-from samedge.experiment.metrics import read_metrics
-from samedge.experiment.runner import run
+from samedge.experiment.run.runner import run
+from samedge.experiment.store.metrics import read_metrics
 
 
 def compare(run_dir: Path) -> dict:

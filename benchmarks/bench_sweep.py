@@ -18,8 +18,8 @@ from pathlib import Path
 
 from _report import machine, publish
 
-from samedge.experiment.executors import run_sweep
-from samedge.experiment.sweep import SweepSpec, prepare_sweep_dir
+from samedge.experiment.sweeps.executors import run_sweep
+from samedge.experiment.sweeps.spec import SweepSpec, prepare_sweep_dir
 
 
 def timed_sweep(out: Path, steps: int, executor: str, cpus: int) -> float:

@@ -313,8 +313,8 @@ def test_internal_error_exits_1_with_traceback_in_a_real_process(tmp_path):
 def test_measure_command_at_the_saved_weights_matches_a_dense_hessian(tmp_path, capsys):
     import torch
 
-    from samedge.experiment.checkpoint import load_checkpoint
-    from samedge.experiment.rundir import load_run_config
+    from samedge.experiment.store.checkpoint import load_checkpoint
+    from samedge.experiment.store.layout import RunDir
     from samedge.experiment.tasks import build_task
 
     out = tmp_path / "run"
@@ -332,7 +332,7 @@ def test_measure_command_at_the_saved_weights_matches_a_dense_hessian(tmp_path, 
     doc = json.loads(stdout)
     assert doc["step"] == 6 and doc["finished"] and doc["k"] == 3 and doc["hvps"] > 0
     # independent: the dense float64 Hessian of the loss at the checkpoint's weights
-    cfg = load_run_config(out)
+    cfg = RunDir(out).read_config()
     task = build_task(cfg)
     params = load_checkpoint(out, cfg.to_dict(), task.train.parameters()).params
     names = list(task.train.names)

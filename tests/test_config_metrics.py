@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from samedge.experiment.config import ConfigError, RunConfig, build_config, preset_names
-from samedge.experiment.metrics import MetricsWriter, base_columns, edge_reached_index, read_metrics, summarize
+from samedge.experiment.store.metrics import MetricsWriter, base_columns, edge_reached_index, read_metrics, summarize
 
 
 def test_defaults_and_presets():

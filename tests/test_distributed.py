@@ -26,7 +26,7 @@ from samedge.core.method import Method
 from samedge.core.objective import Objective
 from samedge.core.params import flatten, unflatten
 from samedge.experiment.config import build_config
-from samedge.experiment.runner import run
+from samedge.experiment.run.runner import run
 
 N_EXAMPLES, N_STEPS = 37, 3  # 37 over 2 ranks: shards of 19 and 18
 

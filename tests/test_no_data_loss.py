@@ -18,12 +18,12 @@ import torch
 from helpers import rows_without_time
 
 from samedge.errors import CheckpointError, ConfigError, RunDirError
-from samedge.experiment.checkpoint import content_digest, read_checkpoint
 from samedge.experiment.cli import main
 from samedge.experiment.config import RunConfig
-from samedge.experiment.lock import RunLock
-from samedge.experiment.metrics import write_summary
-from samedge.experiment.rundir import create_run_dir
+from samedge.experiment.store.checkpoint import content_digest, read_checkpoint
+from samedge.experiment.store.create import create_run_dir
+from samedge.experiment.store.lock import RunLock
+from samedge.experiment.store.metrics import write_summary
 
 TINY = ["--n-train", "200", "--n-test", "100", "--width", "32", "--depth", "2", "--no-progress", "--no-plots"]
 ARGS = ["run", "mnist", "--steps", "30", "--measure-every", "5", "--checkpoint-every", "10", *TINY]
@@ -76,7 +76,7 @@ def test_failed_overwrite_leaves_the_old_run_intact(tmp_path, reference, monkeyp
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     before = tree(out)
-    import samedge.experiment.rundir as rundir
+    import samedge.experiment.store.layout as rundir
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "somewhere"))
@@ -270,7 +270,7 @@ def test_a_locked_directory_is_refused_naming_the_holder(tmp_path, reference, ca
             textwrap.dedent(f"""
                 import time
                 from pathlib import Path
-                from samedge.experiment.lock import RunLock
+                from samedge.experiment.store.lock import RunLock
                 lock = RunLock(Path({str(out)!r}))
                 print("locked", flush=True)
                 time.sleep(60)

@@ -8,8 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from samedge.experiment.metrics import MetricsWriter, base_columns  # noqa: E402
-from samedge.experiment.plotting import FIGURES, _clip_initial_transient, plot_run  # noqa: E402
+from samedge.experiment.analysis.figures import FIGURES, _clip_initial_transient, plot_run  # noqa: E402
+from samedge.experiment.store.metrics import MetricsWriter, base_columns  # noqa: E402
 
 
 def _rows(sharpness, edge=4.0):

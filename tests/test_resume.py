@@ -13,7 +13,7 @@ from helpers import rows_without_time
 
 from samedge.experiment.cli import build_parser, main
 from samedge.experiment.config import RunConfig, build_config
-from samedge.experiment.runner import run
+from samedge.experiment.run.runner import run
 
 SMALL = ["--n-train", "200", "--n-test", "100", "--width", "32", "--depth", "3", "--no-progress", "--no-plots"]
 ARGS = ["run", "mnist", "--steps", "40", "--measure-every", "2", "--checkpoint-every", "5", *SMALL]

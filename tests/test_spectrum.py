@@ -205,8 +205,8 @@ def test_run_trace_density_columns_and_resume_identical(tmp_path):
 
     from samedge.experiment.cli import main
     from samedge.experiment.config import build_config
-    from samedge.experiment.runner import run
-    from samedge.experiment.spectrum import read_density
+    from samedge.experiment.run.runner import run
+    from samedge.experiment.store.density import read_density
 
     ref = tmp_path / "ref"
     assert main([*RUN, *SPEC, "--out", str(ref)]) == 0
@@ -254,7 +254,7 @@ def test_run_trace_density_columns_and_resume_identical(tmp_path):
 
 def test_default_run_has_no_spectrum_columns_or_files():
     from samedge.experiment.config import RunConfig
-    from samedge.experiment.metrics import base_columns
+    from samedge.experiment.store.metrics import base_columns
 
     cfg = RunConfig()
     assert cfg.trace_every == 0 and cfg.density_every == 0
@@ -272,7 +272,7 @@ def _rows(sharp, trace, se, loss):
 
 
 def test_flatness_compare_departure_and_trace_verdict():
-    from samedge.experiment.flatness import compare
+    from samedge.experiment.analysis.flatness import gd_vs_sam as compare
 
     gd = _rows([2.0, 2.2, 2.6, 3.0], [60, None, 70, 80.0], [1, None, 1, 3.0], [0.1, 0.09, 0.08, 0.07])
     sam = _rows([2.0, 2.1, 2.3, 2.4], [60, None, 65, 70.0], [1, None, 1, 4.0], [0.1, 0.095, 0.085, 0.075])

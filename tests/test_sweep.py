@@ -15,12 +15,12 @@ import torch
 from helpers import rows_without_time as metrics_rows
 
 from samedge.errors import ConfigError
-from samedge.experiment import compare as compare_mod
+from samedge.experiment.analysis import overlay as compare_mod
+from samedge.experiment.analysis.report import check_claims, load_reproduce_spec, reproduce_names
 from samedge.experiment.cli import main
 from samedge.experiment.config import build_config
-from samedge.experiment.report import check_claims, load_reproduce_spec, reproduce_names
-from samedge.experiment.runner import run
-from samedge.experiment.sweep import SweepSpec, load_sweep_file, parse_grid_arg, point_name
+from samedge.experiment.run.runner import run
+from samedge.experiment.sweeps.spec import SweepSpec, load_sweep_file, parse_grid_arg, point_name
 
 TINY = ["--steps", "20", "--measure-every", "5", "--n-train", "100", "--n-test", "50", "--width", "16", "--depth", "2"]
 
@@ -249,7 +249,7 @@ def test_compare_draws_one_line_per_run_and_edge(sweep, monkeypatch, tmp_path):
         return save(fig, path)
 
     monkeypatch.setattr(compare_mod, "_save", spy)
-    paths = compare_mod.compare([out], tmp_path / "figs")
+    paths = compare_mod.overlay_runs([out], tmp_path / "figs")
     assert {p.name for p in paths} == {"compare_sharpness.png", "compare_ratio.png", "compare_vs_rho.png"}
     assert all(p.stat().st_size > 0 for p in paths)
     # 4 sharpness curves, 4 SAM-edges (dashed), one 2/eta (all eta = 0.1)
@@ -266,8 +266,8 @@ def test_compare_draws_one_line_per_run_and_edge(sweep, monkeypatch, tmp_path):
 
 
 def _fake_run(name, optimizer, eta, rho, sharp, edge, grad_norm, seed=0):
-    from samedge.experiment.compare import ComparedRun
-    from samedge.experiment.metrics import summarize
+    from samedge.experiment.analysis.overlay import ComparedRun
+    from samedge.experiment.store.metrics import summarize
 
     rows = [
         {
@@ -305,10 +305,10 @@ def test_claims_are_checked_against_the_numbers():
 
 @pytest.mark.slow
 def test_report_writes_markdown_and_self_contained_html(sweep, tmp_path):
-    from samedge.experiment.report import write_report
+    from samedge.experiment.analysis.report import write_report
 
     out, _ = sweep
-    compare_mod.compare([out])
+    compare_mod.overlay_runs([out])
     md, page = write_report(out)
     text = md.read_text()
     assert "| run |" in text and "rho0.2-seed1" in text and "SAM-edge" in text

@@ -105,8 +105,8 @@ def _add_sweep_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from samedge.experiment.analysis.report import reproduce_names
     from samedge.experiment.config import TASKS, preset_names
-    from samedge.experiment.report import reproduce_names
 
     parser = _Parser(prog="samedge", description="GD and SAM at the edge of stability.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -191,11 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from samedge.experiment import distributed
+    from samedge.experiment import world
+    from samedge.experiment.analysis.figures import plot_run
     from samedge.experiment.config import TASKS, RunConfig, build_config
-    from samedge.experiment.plotting import plot_run
-    from samedge.experiment.rundir import default_run_dir, load_run_config
-    from samedge.experiment.runner import run
+    from samedge.experiment.run import launcher
+    from samedge.experiment.run.runner import run
+    from samedge.experiment.store.layout import RunDir
 
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "task"}
     if args.resume:
@@ -203,7 +204,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if given or args.preset or args.config or args.out or args.overwrite:
             what = f"--{given[0].replace('_', '-')}" if given else "--preset/--config/--out/--overwrite"
             raise ConfigError(f"{what} cannot be combined with --resume: a resumed run keeps its saved settings")
-        cfg = load_run_config(args.resume)
+        cfg = RunDir(args.resume).read_config()
         if args.task is not None and args.task != cfg.task:
             raise ConfigError(f"{args.resume} is a {cfg.task} run, not {args.task}")
         out = Path(args.resume)
@@ -211,13 +212,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.task is None:
             raise ConfigError(f"name a task ({', '.join(TASKS)}) or give --resume RUN_DIR")
         cfg = build_config(args.task, preset=args.preset, config_file=args.config, overrides=overrides)
-        out = Path(args.out) if args.out else default_run_dir(cfg)
+        out = Path(args.out) if args.out else RunDir.default_for(cfg).path
     nproc = _check_nproc(args.nproc, cfg)
-    if nproc > 1 and distributed.env_world_size() == 1:  # the launcher: start and watch the workers
-        return distributed.launch(nproc, args.argv, out)
-    with distributed.session(cfg.device):
+    if nproc > 1 and world.env_world_size() == 1:  # the launcher: start and watch the workers
+        return launcher.launch(nproc, args.argv, out)
+    with world.session(cfg.device):
         result = run(cfg, out, overwrite=args.overwrite, progress=not args.no_progress, resume=bool(args.resume))
-        if not distributed.is_writer():
+        if not world.is_writer():
             return EXIT_DIVERGED if result.diverged else EXIT_INTERRUPTED if result.summary.get("interrupted") else 0
     if not args.no_plots and result.summary.get("measurements"):
         plot_run(out)
@@ -230,15 +231,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _check_nproc(nproc: int | None, cfg: Any) -> int:
     """The number of processes asked for (1 without ``--nproc``), checked against the data sizes
     and against a ``torchrun`` world this process may already be in."""
-    from samedge.experiment import distributed
+    from samedge.experiment import world
 
-    world = distributed.env_world_size()
+    size = world.env_world_size()
     if nproc is None:
-        return world
+        return size
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-    if world > 1 and nproc != world:
-        raise ConfigError(f"--nproc {nproc} differs from the WORLD_SIZE {world} this process was started in")
+    if size > 1 and nproc != size:
+        raise ConfigError(f"--nproc {nproc} differs from the WORLD_SIZE {size} this process was started in")
     for name in ("n_train", "batch_size", "eval_batch_size"):
         value = getattr(cfg, name)
         if value and value < nproc:
@@ -247,8 +248,8 @@ def _check_nproc(nproc: int | None, cfg: Any) -> int:
 
 
 def _cmd_flatness(args: argparse.Namespace) -> int:
+    from samedge.experiment.analysis.flatness import default_dir, flatness
     from samedge.experiment.config import RunConfig, build_config
-    from samedge.experiment.flatness import flatness
 
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "task"}
     if overrides.get("optimizer") is not None:
@@ -256,11 +257,7 @@ def _cmd_flatness(args: argparse.Namespace) -> int:
     if not 0 < args.depart < 1:
         raise ConfigError(f"--depart must be in (0, 1), got {args.depart}")
     cfg = build_config(args.task, preset=args.preset, config_file=args.config, overrides=overrides)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / f"flatness-{cfg.task}-eta{cfg.eta:g}-rho{cfg.rho:g}-seed{cfg.seed}"
-    )
+    out = Path(args.out) if args.out else default_dir(cfg)
     _, lines = flatness(cfg, out, overwrite=args.overwrite, progress=not args.no_progress, depart=args.depart)
     print(f"output: {out} (gd/, sam/, flatness.json, flatness.png)")
     for line in lines:
@@ -298,7 +295,7 @@ def _report(s: dict, out: Path) -> None:
 def _cmd_measure(args: argparse.Namespace) -> int:
     import json
 
-    from samedge.experiment.remeasure import remeasure
+    from samedge.experiment.run.remeasure import remeasure
 
     if not 0 < args.eig_tol < 1:
         raise ConfigError(f"--eig-tol must be in (0, 1), got {args.eig_tol}")
@@ -319,7 +316,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from samedge.experiment.plotting import plot_run
+    from samedge.experiment.analysis.figures import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)
@@ -368,7 +365,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def _sweep_spec(args: argparse.Namespace):
     from samedge.experiment.config import RunConfig
-    from samedge.experiment.sweep import SweepSpec, load_sweep_file, parse_grid_arg
+    from samedge.experiment.sweeps.spec import SweepSpec, load_sweep_file, parse_grid_arg
 
     base = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "task"}
     base = {k: v for k, v in base.items() if v is not None}
@@ -400,8 +397,9 @@ def _sweep_spec(args: argparse.Namespace):
 
 
 def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> int:
-    from samedge.experiment.executors import run_sweep
-    from samedge.experiment.sweep import prepare_sweep_dir
+    from samedge.experiment.store.layout import RunDir
+    from samedge.experiment.sweeps.executors import run_sweep
+    from samedge.experiment.sweeps.spec import prepare_sweep_dir
 
     points = prepare_sweep_dir(out, spec, spec.points())
     done = run_sweep(
@@ -414,10 +412,10 @@ def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.plots:
-        from samedge.experiment.plotting import plot_run
+        from samedge.experiment.analysis.figures import plot_run
 
         for p in points:
-            if (out / p.name / "metrics.csv").exists():
+            if RunDir(out / p.name).metrics.exists():
                 plot_run(out / p.name)
     counts = ", ".join(f"{done.count(s)} {s}" for s in ("done", "diverged", "failed", "error") if done.count(s))
     print(f"sweep directory: {out} ({len(points)} runs: {counts}; {done.skipped} already finished)")
@@ -437,23 +435,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from samedge.experiment.compare import compare
+    from samedge.experiment.analysis.overlay import overlay_runs
 
-    for path in compare(args.dirs, args.out):
+    for path in overlay_runs(args.dirs, args.out):
         print(path)
     return EXIT_OK
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from samedge.experiment.compare import compare
-    from samedge.experiment.report import load_reproduce_spec, write_report
+    from samedge.experiment.analysis.overlay import overlay_runs
+    from samedge.experiment.analysis.report import load_reproduce_spec, write_report
 
     spec = load_reproduce_spec(args.task, paper=args.paper)
     out = Path(args.out) if args.out else Path("reproduce") / (args.task + ("-paper" if args.paper else ""))
     code = _run_sweep_cli(spec, out, args)
     if code == EXIT_INTERRUPTED:
         return code
-    compare([str(out)], None)
+    overlay_runs([str(out)], None)
     for path in write_report(out):
         print(path)
     return code
@@ -482,7 +480,7 @@ def _describe_os_error(err: OSError) -> str:
 def _refuse_locked_early(argv: Sequence[str]) -> None:
     """``run --resume DIR`` or ``run --out DIR`` on a directory another process is writing is
     refused before torch is imported (the runner takes the lock itself; this only answers sooner)."""
-    from samedge.experiment.lock import check_unlocked
+    from samedge.experiment.store.lock import check_unlocked
 
     if not argv or argv[0] != "run":
         return

@@ -24,9 +24,11 @@ from samedge.core.objective import HVP_MODES
 from samedge.data.cifar10 import SUBSETS
 from samedge.data.shakespeare import VOCABS
 from samedge.errors import ConfigError
-from samedge.experiment.tasks import TASKS
 from samedge.models.mlp import ACTIVATIONS
 
+#: the tasks a configuration may name: each has a builder in :mod:`samedge.experiment.tasks.registry`
+#: and a preset of its name in ``presets/``
+TASKS: tuple[str, ...] = ("mnist", "cifar10", "shakespeare")
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "cuda", "auto")
 # (smallest normal, largest finite) of each dtype: torch.finfo's values

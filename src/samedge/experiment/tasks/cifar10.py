@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from samedge.data.cifar10 import load_cifar10
-from samedge.experiment.tasks import Task, default_data_path, resolve_device, task_from_split
+from samedge.experiment.config import RunConfig
+from samedge.experiment.tasks.base import Task, default_data_path, resolve_device, task_from_split
 from samedge.models.cnn import CNN
-
-if TYPE_CHECKING:  # config takes the task names from this package
-    from samedge.experiment.config import RunConfig
 
 
 def build_cifar10(cfg: RunConfig) -> Task:

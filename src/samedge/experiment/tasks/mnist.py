@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from samedge.data.mnist import load_mnist
-from samedge.experiment.tasks import Task, resolve_device, task_from_split
+from samedge.experiment.config import RunConfig
+from samedge.experiment.tasks.base import Task, resolve_device, task_from_split
 from samedge.models import MLP
-
-if TYPE_CHECKING:  # config takes the task names from this package
-    from samedge.experiment.config import RunConfig
 
 
 def build_mnist(cfg: RunConfig) -> Task:

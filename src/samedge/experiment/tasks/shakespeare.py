@@ -4,19 +4,15 @@ SAM-edge's ``||g||`` and the sharpness are all on the same minibatch, as in the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from samedge.core.losses import get_loss
 from samedge.data.shakespeare import load_shakespeare
 from samedge.errors import ConfigError
-from samedge.experiment.distributed import sharded_objective
-from samedge.experiment.tasks import Task, default_data_path, minibatch_objectives, resolve_device
+from samedge.experiment.config import RunConfig
+from samedge.experiment.tasks.base import Task, default_data_path, minibatch_objectives, resolve_device
+from samedge.experiment.world import sharded_objective
 from samedge.models.transformer import Transformer
-
-if TYPE_CHECKING:  # config takes the task names from this package
-    from samedge.experiment.config import RunConfig
 
 
 def build_shakespeare(cfg: RunConfig) -> Task:

@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from samedge.core.method import Method  # noqa: E402
 from samedge.errors import ConfigError, RunDirError  # noqa: E402
-from samedge.experiment.metrics import edge_reached_index, read_metrics  # noqa: E402
-from samedge.experiment.spectrum import DENSITY_FILE, read_density  # noqa: E402
+from samedge.experiment.store.density import DENSITY_FILE, read_density  # noqa: E402
+from samedge.experiment.store.metrics import edge_reached_index, read_metrics  # noqa: E402
 
 __all__ = ["plot_run", "plot_density", "FIGURES"]
 

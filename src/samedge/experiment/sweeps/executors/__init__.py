@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from samedge.errors import BadInput, ConfigError
-from samedge.experiment.sweep import SweepPoint, record_status, run_state, write_sweep_csv
+from samedge.experiment.sweeps.spec import SweepPoint, record_status, run_state, write_sweep_csv
 
 __all__ = ["execute_point", "run_sweep", "SweepOutcome", "EXECUTORS", "RAY_INSTALL_HINT"]
 
@@ -45,7 +45,7 @@ def execute_point(settings: dict[str, Any], run_dir: str, threads: int | None = 
     import torch
 
     from samedge.experiment.config import from_mapping
-    from samedge.experiment.runner import run
+    from samedge.experiment.run.runner import run
 
     previous = torch.get_num_threads()
     if threads:

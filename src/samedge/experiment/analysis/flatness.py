@@ -22,11 +22,18 @@ from typing import Any
 
 from samedge.errors import ConfigError, RunDirError
 from samedge.experiment.config import RunConfig
-from samedge.experiment.metrics import read_metrics, write_json
+from samedge.experiment.store.files import write_json
+from samedge.experiment.store.layout import RunDir
+from samedge.experiment.store.metrics import read_metrics
 
-__all__ = ["flatness", "compare", "DEPART"]
+__all__ = ["flatness", "gd_vs_sam", "default_dir", "DEPART"]
 
 DEPART = 0.10
+
+
+def default_dir(cfg: RunConfig) -> Path:
+    """``runs/flatness-<task>-eta<eta>-rho<rho>-seed<seed>``: where the check goes without ``--out``."""
+    return Path("runs") / f"flatness-{cfg.task}-eta{cfg.eta:g}-rho{cfg.rho:g}-seed{cfg.seed}"
 
 
 def _configs(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
@@ -37,7 +44,7 @@ def _configs(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
     return cfg.replace(optimizer="gd", rho=0.0, **base), cfg.replace(optimizer="sam", **base)
 
 
-def compare(gd_rows: list[dict], sam_rows: list[dict], depart: float = DEPART) -> dict[str, Any]:
+def gd_vs_sam(gd_rows: list[dict], sam_rows: list[dict], depart: float = DEPART) -> dict[str, Any]:
     """Departure step, sharpness ratios and the final traces of two runs' metrics rows."""
     sam_by_step = {int(r["step"]): r for r in sam_rows}
     common = [(g, sam_by_step[int(g["step"])]) for g in gd_rows if int(g["step"]) in sam_by_step]
@@ -117,7 +124,7 @@ def flatness(
     cfg: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True, depart: float = DEPART
 ) -> tuple[dict[str, Any], list[str]]:
     """Run GD and SAM as ``cfg`` says (apart from the optimizer) into ``out``; compare them."""
-    from samedge.experiment.runner import run
+    from samedge.experiment.run.runner import run
 
     out = Path(out)
     gd_cfg, sam_cfg = _configs(cfg)
@@ -128,8 +135,8 @@ def flatness(
         result = run(c, out / name, progress=progress, overwrite=overwrite)  # refuses non-run directories
         if result.diverged or result.summary.get("interrupted"):
             raise ConfigError(f"the {name} run did not finish (see {out / name}); choose a smaller eta")
-    gd_rows, sam_rows = read_metrics(out / "gd" / "metrics.csv"), read_metrics(out / "sam" / "metrics.csv")
-    result_dict = compare(gd_rows, sam_rows, depart)
+    gd_rows, sam_rows = read_metrics(RunDir(out / "gd").metrics), read_metrics(RunDir(out / "sam").metrics)
+    result_dict = gd_vs_sam(gd_rows, sam_rows, depart)
     result_dict.update(eta=cfg.eta, rho=sam_cfg.rho, steps=cfg.steps, seed=cfg.seed, task=cfg.task)
     lines = _sentences(result_dict)
     result_dict["report"] = lines
@@ -139,7 +146,7 @@ def flatness(
 
 
 def plot_flatness(out: Path, gd_rows: list[dict], sam_rows: list[dict], title: str = "") -> list[Path]:
-    from samedge.experiment.plotting import plt, save_figure
+    from samedge.experiment.analysis.figures import plt, save_figure
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.2))
     series = (("sharpness", r"top eigenvalue $\lambda_1$"), ("trace", r"trace tr$(H)$"), ("test_error", "test error"))

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from samedge.errors import RunDirError
+from samedge.experiment.store.files import atomic_write, with_path, write_json
 
 __all__ = [
     "base_columns",
@@ -32,10 +33,8 @@ __all__ = [
     "expected_steps",
     "read_metrics",
     "write_summary",
-    "atomic_write",
     "summarize",
     "edge_reached_index",
-    "write_json",
     "EDGE_REACHED_FRACTION",
 ]
 
@@ -122,7 +121,7 @@ class MetricsWriter:
             if self.fsync_each_row:
                 os.fsync(self._file.fileno())
         except OSError as err:
-            raise named(err, self.path) from None
+            raise with_path(err, self.path) from None
         self._pieces.append(buf.getvalue())
 
     def sync(self) -> None:
@@ -131,7 +130,7 @@ class MetricsWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as err:
-            raise named(err, self.path) from None
+            raise with_path(err, self.path) from None
 
     def rows_before(self, step: int) -> str:
         """The header and the rows with ``step`` below ``step``, as text."""
@@ -329,38 +328,6 @@ def truncate_metrics(path: Path, before_step: int) -> None:
     atomic_write(path, prefix.encode("utf-8"))
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file beside it, fsync, rename, fsync of
-    the directory.  On any failure (a full disk, no permission) the temporary file is removed and
-    ``path`` is as it was."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise named(err, tmp) from None
-    with contextlib.suppress(OSError):  # not every file system lets a directory be fsynced
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def named(err: BaseException, path: Path) -> BaseException:
-    """``err`` with ``path`` as its file name if it is an ``OSError`` without one (a failed
-    ``write`` such as a full disk does not say which file it was writing)."""
-    if isinstance(err, OSError) and err.filename is None and err.errno is not None:
-        return type(err)(err.errno, err.strerror or str(err), str(path))
-    return err
-
-
 def write_summary(path: str | Path, summary: dict[str, Any]) -> bool:
     """Write ``summary.json`` unless the one there was computed from more rows (returns False then)."""
     path = Path(path)
@@ -370,8 +337,3 @@ def write_summary(path: str | Path, summary: dict[str, Any]) -> bool:
             return False
     write_json(path, summary)
     return True
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    atomic_write(path, (json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n").encode("utf-8"))

@@ -18,8 +18,8 @@ import torch
 
 from samedge.core.curvature import HessianEigensolver
 from samedge.errors import ConfigError
-from samedge.experiment.checkpoint import load_checkpoint
-from samedge.experiment.rundir import load_run_config
+from samedge.experiment.store.checkpoint import load_checkpoint
+from samedge.experiment.store.layout import RunDir
 from samedge.experiment.tasks import build_task
 
 __all__ = ["remeasure"]
@@ -35,7 +35,7 @@ def remeasure(
     seed: int | None = None,
 ) -> dict[str, Any]:
     """Top-``k`` eigenpairs at ``run_dir``'s checkpointed weights, as a JSON-ready dictionary."""
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).read_config()
     try:
         solver = HessianEigensolver(
             k=k, method=method, tol=tol, max_iter=max_iter, warm_start=False, seed=cfg.seed if seed is None else seed

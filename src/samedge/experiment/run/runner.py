@@ -9,11 +9,12 @@ The loop at step ``t`` (t = 0 .. steps):
    warm-started; the gradients of 1-2 are reused), written to ``metrics.csv`` at once;
 4. the update ``w_{t+1}`` (heavy-ball if ``momentum > 0``), except after the last step;
 5. every ``checkpoint_every`` steps, at the end, and on Ctrl-C: a checkpoint
-   (:mod:`~samedge.experiment.checkpoint`) from which ``--resume`` continues with identical metrics rows.
+   (:mod:`~samedge.experiment.store.checkpoint`) from which ``--resume`` continues with identical metrics rows.
 
-The run directory's life (create, refuse, replace, provenance) is :mod:`~samedge.experiment.rundir`.
+The run directory's files are named by :mod:`~samedge.experiment.store.layout`; creating, refusing and
+replacing one is :mod:`~samedge.experiment.store.create`.
 Everything random is seeded from ``config.seed``; the schedule counts steps, never seconds.
-Figures are drawn afterwards from ``metrics.csv`` by :mod:`~samedge.experiment.plotting`.
+Figures are drawn afterwards from ``metrics.csv`` by :mod:`~samedge.experiment.analysis.figures`.
 """
 
 from __future__ import annotations
@@ -34,11 +35,15 @@ from samedge.core.objective import Evaluation, Objective
 from samedge.core.params import Params, norm
 from samedge.core.secant import StepSecants
 from samedge.errors import CheckpointError
-from samedge.experiment import distributed
-from samedge.experiment.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from samedge.experiment import world
 from samedge.experiment.config import RunConfig
-from samedge.experiment.lock import RunLock
-from samedge.experiment.metrics import (
+from samedge.experiment.run.readings import RunSpectrum
+from samedge.experiment.store.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from samedge.experiment.store.create import create_run_dir, lock_run_dir
+from samedge.experiment.store.density import DensityWriter
+from samedge.experiment.store.layout import RunDir
+from samedge.experiment.store.lock import RunLock, check_unlocked
+from samedge.experiment.store.metrics import (
     STEP_COLUMNS,
     MetricsWriter,
     base_columns,
@@ -48,19 +53,9 @@ from samedge.experiment.metrics import (
     summarize,
     write_summary,
 )
-from samedge.experiment.rundir import (
-    check_unlocked,
-    create_run_dir,
-    default_run_dir,
-    lock_run_dir,
-    write_run_config,
-)
-from samedge.experiment.spectrum import DensityWriter, RunSpectrum
 from samedge.experiment.tasks import Task, build_task
 
-__all__ = ["RunResult", "run", "STEPS_NAME"]
-
-STEPS_NAME = "steps.csv"
+__all__ = ["RunResult", "run"]
 
 
 @dataclass(frozen=True)
@@ -137,17 +132,17 @@ def run(
     ``on_step(t)``, if given, is called at every step ``t < steps`` after its measurement and
     before its update; a ``KeyboardInterrupt`` raised there is handled as Ctrl-C is.
 
-    The run holds ``run_dir``'s lock (:mod:`~samedge.experiment.rundir`) from before its first
+    The run holds ``run_dir``'s lock (:mod:`~samedge.experiment.store.lock`) from before its first
     write to its end: a second run or resume of the directory is refused meanwhile."""
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else RunDir.default_for(cfg).path
     # Over many processes (torch.distributed) every rank runs the loop on the same values; rank 0
     # alone holds the lock and writes files, and what it refuses is refused on every rank.
     held: list[RunLock] = []
     # A directory another process is writing is refused at once, before the data are read.
     if resume:
-        distributed.on_rank0(lambda: held.append(lock_run_dir(run_dir)))
+        world.on_rank0(lambda: held.append(lock_run_dir(run_dir)))
     else:
-        distributed.on_rank0(lambda: check_unlocked(run_dir))
+        world.on_rank0(lambda: check_unlocked(run_dir))
     try:
         task = task if task is not None else build_task(cfg)  # data errors surface before anything is written
     except BaseException:
@@ -158,15 +153,14 @@ def run(
         built = task
 
         def setup(directory: Path) -> None:
-            write_run_config(
-                directory,
+            RunDir(directory).write_config(
                 cfg,
                 data_source=built.source,
                 n_parameters=built.n_parameters,
-                extra=distributed.provenance(),
+                extra=world.provenance(),
             )
 
-        distributed.on_rank0(lambda: held.append(create_run_dir(run_dir, overwrite, setup=setup)))
+        world.on_rank0(lambda: held.append(create_run_dir(run_dir, overwrite, setup=setup)))
     with held[0] if held else contextlib.nullcontext():  # rank 0 is the directory's only writer until the end
         return _run(cfg, run_dir, task, progress=progress, resume=resume, on_step=on_step)
 
@@ -187,9 +181,10 @@ def _run(
     method = cfg.method()
     solvers = _Solvers(cfg, task)
     secants = StepSecants(method, cfg.secant_pairs) if cfg.secant_pairs != 0 else None
-    metrics_path, steps_path = run_dir / "metrics.csv", run_dir / STEPS_NAME
-    writer = distributed.is_writer()  # rank 0 (or the only process) writes files
-    dist_info = distributed.provenance()
+    files = RunDir(run_dir)
+    metrics_path, steps_path = files.metrics, files.steps
+    writer = world.is_writer()  # rank 0 (or the only process) writes files
+    dist_info = world.provenance()
     if resume and writer:
         state = load_checkpoint(
             run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
@@ -332,8 +327,8 @@ def _run(
         wall_seconds=since,
     )
     summary["cost"] = cost
-    if writer and not write_summary(run_dir / "summary.json", summary):
-        _note(f"kept {run_dir / 'summary.json'}: it was computed from more rows than metrics.csv now holds")
+    if writer and not write_summary(files.summary, summary):
+        _note(f"kept {files.summary}: it was computed from more rows than {files.METRICS} now holds")
     return RunResult(run_dir, summary)
 
 

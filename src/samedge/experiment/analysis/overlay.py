@@ -26,10 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from samedge.core.method import Method  # noqa: E402
 from samedge.errors import ConfigError, RunDirError  # noqa: E402
-from samedge.experiment.metrics import read_metrics  # noqa: E402
-from samedge.experiment.sweep import is_sweep_dir, load_sweep_points  # noqa: E402
+from samedge.experiment.store.metrics import read_metrics  # noqa: E402
+from samedge.experiment.sweeps.spec import is_sweep_dir, load_sweep_points  # noqa: E402
 
-__all__ = ["compare", "load_runs", "ComparedRun", "varied_settings"]
+__all__ = ["overlay_runs", "load_runs", "ComparedRun", "varied_settings"]
 
 #: settings that never count as varied (where a run's files are, how it is placed)
 _NOT_VARIED = {"data", "device", "checkpoint_every"}
@@ -104,7 +104,7 @@ def _series(rows, column: str) -> list[float]:
     return [math.nan if r.get(column) is None else float(r[column]) for r in rows]
 
 
-def compare(dirs: Sequence[str | Path], out: str | Path | None = None) -> list[Path]:
+def overlay_runs(dirs: Sequence[str | Path], out: str | Path | None = None) -> list[Path]:
     """Draw the comparison figures; returns the files written."""
     runs, varied, sweep = load_runs(dirs)
     folder = Path(out) if out is not None else (sweep / "compare" if sweep is not None else Path("compare"))

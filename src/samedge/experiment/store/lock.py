@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 
 from samedge.errors import RunDirError
+from samedge.experiment.store.layout import RunDir
 
 __all__ = ["RunLock", "check_unlocked", "LOCK_NAME"]
 
-LOCK_NAME = "run.lock"
+LOCK_NAME = RunDir.LOCK
 
 
 class RunLock:

@@ -29,7 +29,8 @@ import torch
 
 from samedge.core.params import Params
 from samedge.errors import CheckpointError
-from samedge.experiment.metrics import named
+from samedge.experiment.store.files import with_path
+from samedge.experiment.store.layout import RunDir
 
 __all__ = [
     "TrainState",
@@ -42,8 +43,8 @@ __all__ = [
     "PREVIOUS_NAME",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-PREVIOUS_NAME = "checkpoint.prev.pt"
+CHECKPOINT_NAME = RunDir.CHECKPOINT
+PREVIOUS_NAME = RunDir.PREVIOUS_CHECKPOINT
 _FORMAT = 2  # 2: with "digest" and "metrics"; 1 (earlier samedge): neither, still resumable
 _REQUIRED = ("config", "step", "finished", "params", "velocity", "solver", "perturbed_solver", "elapsed", "torch_rng")
 
@@ -135,7 +136,7 @@ def save_checkpoint(
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise named(err, tmp) from None
+        raise with_path(err, tmp) from None
     return path
 
 

@@ -1,5 +1,5 @@
 """Sweeps: a grid (cartesian product) or list of runs, each in its own run directory inside one
-sweep directory, run by an executor (:mod:`~samedge.experiment.executors`) and summarized in
+sweep directory, run by an executor (:mod:`~samedge.experiment.sweeps.executors`) and summarized in
 ``sweep.csv``.
 
 A sweep's *definition* is the task, the base settings (task preset < ``preset`` < ``config`` <
@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from samedge.errors import BadInput, ConfigError
-from samedge.experiment.checkpoint import CHECKPOINT_NAME
 from samedge.experiment.config import TASKS, RunConfig, build_config
-from samedge.experiment.metrics import write_json
+from samedge.experiment.store.checkpoint import CHECKPOINT_NAME
+from samedge.experiment.store.files import write_json
 
 __all__ = [
     "SweepSpec",

@@ -1,5 +1,5 @@
 """``samedge reproduce TASK``: the paper's comparisons for a task as one sweep (a preset in
-``samedge/experiment/sweeps/``), the comparison figures, and a report (``report.md`` and a
+``samedge/experiment/sweeps/grids/``), the comparison figures, and a report (``report.md`` and a
 self-contained ``report.html`` with the figures embedded) that checks each claim of the paper
 against the measured numbers."""
 
@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from samedge.errors import ConfigError
-from samedge.experiment.metrics import edge_reached_index
-from samedge.experiment.sweep import SweepSpec, load_sweep_file
+from samedge.experiment.store.metrics import edge_reached_index
+from samedge.experiment.sweeps.spec import SweepSpec, load_sweep_file
 
 __all__ = ["reproduce_names", "load_reproduce_spec", "write_report", "check_claims", "Claim"]
 
 
 def _folder():
-    return resources.files("samedge.experiment") / "sweeps"
+    return resources.files("samedge.experiment.sweeps") / "grids"
 
 
 def reproduce_names() -> list[str]:
@@ -62,7 +62,7 @@ class Claim:
 
 
 if TYPE_CHECKING:
-    from samedge.experiment.compare import ComparedRun
+    from samedge.experiment.analysis.overlay import ComparedRun
 
 
 def _tail(run: ComparedRun) -> list[dict]:
@@ -203,7 +203,7 @@ def _f(x: Any, spec: str = ".4g") -> str:
 def write_report(sweep: Path) -> list[Path]:
     """``report.md`` and ``report.html`` (figures embedded) in ``sweep`` from its runs and the
     figures in ``sweep/compare``."""
-    from samedge.experiment.compare import load_runs
+    from samedge.experiment.analysis.overlay import load_runs
 
     runs, varied, _ = load_runs([sweep])
     claims = check_claims(runs)
