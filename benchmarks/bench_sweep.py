@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _report import machine, publish
 
-from samedge.experiment.sweeps.executors import run_sweep
+from samedge.experiment.sweeps.driver import run_sweep
 from samedge.experiment.sweeps.spec import SweepSpec, prepare_sweep_dir
 
 

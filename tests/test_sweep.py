@@ -283,7 +283,9 @@ def _fake_run(name, optimizer, eta, rho, sharp, edge, grad_norm, seed=0):
         }
         for i, (s, e, g) in enumerate(zip(sharp, edge, grad_norm))
     ]
-    cfg = {"optimizer": optimizer, "eta": eta, "rho": rho, "momentum": 0.0, "seed": seed}
+    from samedge.experiment.config import build_config
+
+    cfg = build_config("mnist", overrides={"optimizer": optimizer, "eta": eta, "rho": rho, "seed": seed})
     return ComparedRun(name, Path(name), cfg, rows, summarize(rows))
 
 

@@ -11,7 +11,8 @@ ray = pytest.importorskip("ray")
 from helpers import rows_without_time as rows  # noqa: E402
 
 from samedge.experiment.cli import main  # noqa: E402
-from samedge.experiment.sweeps.executors import RAY_MAX_RETRIES, run_sweep  # noqa: E402
+from samedge.experiment.sweeps.driver import run_sweep  # noqa: E402
+from samedge.experiment.sweeps.executors.ray import RAY_MAX_RETRIES  # noqa: E402
 from samedge.experiment.sweeps.spec import SweepSpec, prepare_sweep_dir  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""Command line: ``samedge run | plot | edge | download | sweep | compare | reproduce``.
+"""Command line: ``samedge run | measure | plot | edge | download | sweep | compare | reproduce | flatness``.
 
 Exit codes: 0 success; 2 bad input (any :class:`~samedge.errors.BadInput`: arguments, config,
 data, checkpoint, run directory), as one line on stderr ``samedge: error: ...``; 3 the run
@@ -90,9 +90,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_sweep_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="sweep directory (default: sweeps/<task>-<varied settings>)")
-    p.add_argument("--executor", choices=["serial", "ray"], default="serial", help="serial (default) or ray")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    p.add_argument("--cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    from samedge.experiment.sweeps.executors import EXECUTORS, executor_class
+
+    p.add_argument(
+        "--executor",
+        choices=list(EXECUTORS),
+        default="serial",
+        help="; ".join(f"{name}: {executor_class(name).summary}" for name in EXECUTORS),
+    )
+    for name in EXECUTORS:
+        executor_class(name).add_arguments(p)
     p.add_argument(
         "--threads-per-run",
         type=int,
@@ -398,19 +405,16 @@ def _sweep_spec(args: argparse.Namespace):
 
 def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> int:
     from samedge.experiment.store.layout import RunDir
-    from samedge.experiment.sweeps.executors import run_sweep
+    from samedge.experiment.sweeps.driver import run_sweep
+    from samedge.experiment.sweeps.executors import executor_class
     from samedge.experiment.sweeps.spec import prepare_sweep_dir
 
+    executor = executor_class(args.executor).from_arguments(args)
+    executor.check()  # before the sweep directory is written
+    if args.threads_per_run < 1:
+        raise ConfigError(f"--threads-per-run must be >= 1, got {args.threads_per_run}")
     points = prepare_sweep_dir(out, spec, spec.points())
-    done = run_sweep(
-        out,
-        points,
-        executor=args.executor,
-        threads=args.threads_per_run,
-        address=args.address,
-        cpus=args.cpus,
-        progress=not args.no_progress,
-    )
+    done = run_sweep(out, points, executor=executor, threads=args.threads_per_run, progress=not args.no_progress)
     if args.plots:
         from samedge.experiment.analysis.figures import plot_run
 

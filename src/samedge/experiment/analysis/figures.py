@@ -6,7 +6,6 @@ is still going or was interrupted.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,8 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from samedge.core.method import Method  # noqa: E402
-from samedge.errors import ConfigError, RunDirError  # noqa: E402
-from samedge.experiment.store.density import DENSITY_FILE, read_density  # noqa: E402
+from samedge.errors import RunDirError  # noqa: E402
+from samedge.experiment.store.density import read_density  # noqa: E402
+from samedge.experiment.store.layout import RunDir  # noqa: E402
 from samedge.experiment.store.metrics import edge_reached_index, read_metrics  # noqa: E402
 
 __all__ = ["plot_run", "plot_density", "FIGURES"]
@@ -26,17 +26,9 @@ __all__ = ["plot_run", "plot_density", "FIGURES"]
 FIGURES = ("sharpness", "sharpness_vs_edge", "alignment", "loss", "grad_norm")
 
 
-def _method(cfg: dict) -> Method:
-    """The run's method from its saved settings (defaults for a run without ``config.json``)."""
-    try:
-        return Method(cfg.get("optimizer", "sam"), cfg.get("eta", 1.0), cfg.get("rho", 0.0), cfg.get("momentum", 0.0))
-    except ValueError as err:
-        raise ConfigError(f"config.json holds settings samedge cannot draw: {err}") from None
-
-
 def _secant_series(run_dir: Path) -> tuple[list[float], list[float]] | None:
     """Steps and per-step secant estimates from ``steps.csv`` (None without that file or an estimate)."""
-    path = run_dir / "steps.csv"
+    path = RunDir(run_dir).steps
     if not path.exists():
         return None
     rows = read_metrics(path)
@@ -55,7 +47,7 @@ def _column(rows, name):
 
 
 def _save(fig, run_dir: Path, name: str) -> list[Path]:
-    paths = [run_dir / f"{name}.png", run_dir / f"{name}.pdf"]
+    paths = [RunDir(run_dir).figure(name, "png"), RunDir(run_dir).figure(name, "pdf")]
     fig.tight_layout()
     for p in paths:
         fig.savefig(p, dpi=150)
@@ -69,7 +61,7 @@ save_figure = _save
 def _clip_initial_transient(ax, rows, series: list[list]) -> None:
     """Keep an initial spike from squashing the figure.  When a run starts far above its edge (the
     Transformer's sharpness at initialization is ~40x its SAM-edge), the y-axis ends a little above
-    everything from the settling point on (:func:`~samedge.metrics.edge_reached_index`) and a note
+    everything from the settling point on (:func:`~samedge.experiment.store.metrics.edge_reached_index`) and a note
     gives the off-scale maximum."""
     start = edge_reached_index([r.get("sharpness_over_edge") for r in rows])
     if not start:  # None (never settled) or 0 (no transient)
@@ -93,22 +85,15 @@ def _clip_initial_transient(ax, rows, series: list[list]) -> None:
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Draw every figure of ``run_dir``; returns the files written."""
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.csv").exists():
-        raise RunDirError(f"{run_dir} has no metrics.csv; is it a samedge run directory?")
-    rows = read_metrics(run_dir / "metrics.csv")
+    files = RunDir(run_dir)
+    if not files.metrics.exists():
+        raise RunDirError(f"{run_dir} has no {files.METRICS}; is it a samedge run directory?")
+    rows = read_metrics(files.metrics)
     if not rows:
-        raise RunDirError(f"{run_dir / 'metrics.csv'} has no measurements yet")
-    cfg: dict = {}
-    if (run_dir / "config.json").exists():
-        try:
-            saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            saved = None
-        if not isinstance(saved, dict) or not isinstance(saved.get("config", {}), dict):
-            raise RunDirError(f"{run_dir / 'config.json'} is damaged or not samedge's (no 'config' object)")
-        cfg = saved.get("config", {})
-    method = _method(cfg)
-    title = f"{cfg.get('task', '')} {method.kind.upper()}  eta={method.eta:g}" + (
+        raise RunDirError(f"{files.metrics} has no measurements yet")
+    cfg = files.read_config()
+    method = cfg.method()
+    title = f"{cfg.task} {method.kind.upper()}  eta={method.eta:g}" + (
         f"  rho={method.rho:g}" if method.perturbs else ""
     )
     steps = _column(rows, "step")
@@ -227,7 +212,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     written += _save(fig, run_dir, "grad_norm")
     if "trace" in rows[0]:
         written += _plot_trace(run_dir, rows, title)
-    if (run_dir / DENSITY_FILE).exists():
+    if RunDir(run_dir).density.exists():
         written += plot_density(run_dir, title)
     return written
 
@@ -257,7 +242,7 @@ def plot_density(run_dir: str | Path, title: str = "") -> list[Path]:
     """``density.png/.pdf``: the SLQ spectral density of each reading in ``density.csv``,
     Gaussian-smoothed (width 1% of the eigenvalue range), on a log scale as Ghorbani et al."""
     run_dir = Path(run_dir)
-    readings = read_density(run_dir / DENSITY_FILE)
+    readings = read_density(RunDir(run_dir).density)
     if not readings:
         return []
     lo = min(float(n.min()) for n, _ in readings.values())

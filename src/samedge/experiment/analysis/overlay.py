@@ -26,6 +26,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from samedge.core.method import Method  # noqa: E402
 from samedge.errors import ConfigError, RunDirError  # noqa: E402
+from samedge.experiment.config import RunConfig  # noqa: E402
+from samedge.experiment.store.files import read_json_object  # noqa: E402
+from samedge.experiment.store.layout import RunDir  # noqa: E402
 from samedge.experiment.store.metrics import read_metrics  # noqa: E402
 from samedge.experiment.sweeps.spec import is_sweep_dir, load_sweep_points  # noqa: E402
 
@@ -37,31 +40,33 @@ _NOT_VARIED = {"data", "device", "checkpoint_every"}
 
 @dataclass
 class ComparedRun:
+    """One run as the overlay figures and the report read it: its settings, rows and summary."""
+
     name: str
     path: Path
-    config: dict[str, Any]
+    settings: RunConfig
     rows: list[dict[str, float | None]]
     summary: dict[str, Any]
 
     @property
+    def config(self) -> dict[str, Any]:
+        return self.settings.to_dict()
+
+    @property
     def method(self) -> Method:
-        c = self.config
-        return Method(c.get("optimizer", "sam"), c.get("eta", 1.0), c.get("rho", 0.0), c.get("momentum", 0.0))
+        return self.settings.method()
 
 
 def _load_run(path: Path, name: str) -> ComparedRun | None:
-    if not (path / "metrics.csv").exists():
+    files = RunDir(path)
+    if not files.metrics.exists():
         return None
-    rows = read_metrics(path / "metrics.csv")
+    rows = read_metrics(files.metrics)
     if not rows:
         return None
-    config: dict[str, Any] = {}
-    summary: dict[str, Any] = {}
-    if (path / "config.json").exists():
-        config = json.loads((path / "config.json").read_text(encoding="utf-8")).get("config", {})
-    if (path / "summary.json").exists():
-        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    return ComparedRun(name, path, config, rows, summary)
+    settings = files.read_config()
+    summary = read_json_object(files.summary, "summary") if files.summary.exists() else {}
+    return ComparedRun(name, path, settings, rows, summary)
 
 
 def load_runs(dirs: Sequence[str | Path]) -> tuple[list[ComparedRun], list[str], Path | None]:

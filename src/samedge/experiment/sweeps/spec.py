@@ -36,8 +36,8 @@ from typing import Any
 
 from samedge.errors import BadInput, ConfigError
 from samedge.experiment.config import TASKS, RunConfig, build_config
-from samedge.experiment.store.checkpoint import CHECKPOINT_NAME
 from samedge.experiment.store.files import write_json
+from samedge.experiment.store.layout import RunDir
 
 __all__ = [
     "SweepSpec",
@@ -353,10 +353,10 @@ def load_sweep_points(out: Path) -> list[SweepPoint]:
 def run_state(run_dir: Path) -> str:
     """What a point's run directory needs: ``done`` (finished), ``diverged`` (ended by a
     divergence; not resumed), ``resume`` (a checkpoint of an unfinished run), or ``start``."""
-    summary = _read_json(run_dir / "summary.json")
+    summary = _read_json(RunDir(run_dir).summary)
     if summary is not None and summary.get("diverged"):
         return "diverged"
-    if (run_dir / CHECKPOINT_NAME).exists():
+    if RunDir(run_dir).checkpoint.exists():
         if summary is not None and not summary.get("interrupted") and _checkpoint_finished(run_dir):
             return "done"
         return "resume"
@@ -367,7 +367,7 @@ def _checkpoint_finished(run_dir: Path) -> bool:
     import torch
 
     try:
-        payload = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+        payload = torch.load(RunDir(run_dir).checkpoint, map_location="cpu", weights_only=True)
     except Exception:  # a damaged checkpoint: the run's resume reports it
         return False
     return isinstance(payload, dict) and bool(payload.get("finished"))
@@ -406,7 +406,7 @@ def sweep_rows(out: Path, points: Iterable[SweepPoint] | None = None) -> list[di
     for p in points:
         run_dir = out / p.name
         row: dict[str, Any] = {k: p.varied.get(k) for k in varied}
-        summary = _read_json(run_dir / "summary.json") or {}
+        summary = _read_json(RunDir(run_dir).summary) or {}
         state = run_state(run_dir) if p.config is not None else "failed"
         recorded = status.get(p.name, {})
         if p.error is not None:
