@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from samedge.experiment import world
+    import samedge.experiment.world as world
     from samedge.experiment.analysis.figures import plot_run
     from samedge.experiment.config import TASKS, RunConfig, build_config
     from samedge.experiment.run import launcher
@@ -238,7 +238,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _check_nproc(nproc: int | None, cfg: Any) -> int:
     """The number of processes asked for (1 without ``--nproc``), checked against the data sizes
     and against a ``torchrun`` world this process may already be in."""
-    from samedge.experiment import world
+    import samedge.experiment.world as world
 
     size = world.env_world_size()
     if nproc is None:

@@ -35,7 +35,7 @@ from samedge.core.objective import Evaluation, Objective
 from samedge.core.params import Params, norm
 from samedge.core.secant import StepSecants
 from samedge.errors import CheckpointError
-from samedge.experiment import world
+import samedge.experiment.world as world
 from samedge.experiment.config import RunConfig
 from samedge.experiment.run.readings import RunSpectrum
 from samedge.experiment.store.checkpoint import TrainState, load_checkpoint, save_checkpoint
