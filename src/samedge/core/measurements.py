@@ -1,6 +1,6 @@
 """One measurement at the current parameters: sharpness, edges, alignments, diagnostics.
 
-Used by the runner at every ``measure_every`` steps and by :class:`samedge.tracker.SharpnessTracker`
+Used by the runner at every ``measure_every`` steps and by :class:`samedge.core.tracker.SharpnessTracker`
 in a user's own loop.  The gradient and SAM gradient are passed in (the step computes them
 anyway), so a measurement costs only the eigen-solve's HVPs.
 """

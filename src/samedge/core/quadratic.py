@@ -1,6 +1,6 @@
 """GD / SAM / USAM on a quadratic ``L(w) = 1/2 w^T H w + b^T w`` (NumPy, float64).
 
-The quadratic is where the edges in :mod:`samedge.thresholds` are exact, so it is the
+The quadratic is where the edges in :mod:`samedge.core.thresholds` are exact, so it is the
 independent check for them (tests) and the picture behind them (report):
 
 * GD and USAM are linear maps on a quadratic: the component along an eigenvector with
