@@ -6,6 +6,9 @@
   torch optimizer;
 * :mod:`~samedge.core.objective` -- the chunked full-batch loss, gradient and exact HVP;
 * :mod:`~samedge.core.distributed` -- the same objective sharded over ``torch.distributed`` ranks;
+* :mod:`~samedge.core.operator` -- :class:`LinearOperator`, a symmetric operator given by its
+  product, which the solvers take;
+* :mod:`~samedge.core.lanczos` -- the Lanczos process shared by the eigen-solver and SLQ;
 * :mod:`~samedge.core.eigen` -- Lanczos, eigsh and power iteration with residuals;
 * :mod:`~samedge.core.curvature` -- the warm-started Hessian eigen-solver;
 * :mod:`~samedge.core.spectrum` -- Hutchinson trace and SLQ spectral density;
@@ -22,6 +25,7 @@ from samedge.core.losses import SummedLoss
 from samedge.core.measurements import Measurement, measure
 from samedge.core.method import METHOD_KINDS, Method, edge_for
 from samedge.core.objective import Objective
+from samedge.core.operator import LinearOperator
 from samedge.core.optim import SAM, heavy_ball_update, perturbation, sam_gradient
 from samedge.core.spectrum import (
     SpectralDensity,
@@ -45,6 +49,7 @@ __all__ = [
     "Objective",
     "SummedLoss",
     "ShardedObjective",
+    "LinearOperator",
     "EigenResult",
     "lanczos",
     "HessianEigensolver",

@@ -1,22 +1,25 @@
-"""Hessian eigenpairs of an :class:`~samedge.objective.Objective`, warm-started across calls.
+"""Hessian eigenpairs of an :class:`~samedge.core.objective.Objective`, warm-started across calls.
 
-:class:`HessianEigensolver` binds an objective's exact HVP to a solver from :mod:`samedge.eigen`
+:class:`HessianEigensolver` binds an objective's exact HVP (its
+:meth:`~samedge.core.objective.Objective.hvp_operator`) to a solver from :mod:`samedge.core.eigen`
 and keeps the last eigenvectors, so that a reading during training starts from the previous
-one (a few HVPs instead of tens).  With ``block = b > k`` it keeps the top ``b`` Ritz vectors and
-starts the next solve from that block (see :func:`samedge.core.eigen.lanczos`).  Method ``"paper"`` is Long & Bartlett's estimator (finite-
-difference HVP with ``eps = 1e-3``, power iteration from a fresh random vector, relative-change
-rule), never warm-started, for comparison only.
+one (a few HVPs instead of tens).  With ``block = b > k`` it keeps the top ``b`` Ritz vectors and starts the next solve from
+that block (see :func:`samedge.core.eigen.lanczos`).  Method ``"paper"`` is Long & Bartlett's
+estimator (finite-difference HVP with ``eps = 1e-3``, power iteration from a fresh random vector,
+relative-change rule), never warm-started, for comparison only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from samedge.core.eigen import SOLVERS, EigenResult, paper_power_iteration
 from samedge.core.objective import Objective
+from samedge.core.operator import LinearOperator
 from samedge.core.params import flatten, unflatten
 
 __all__ = ["HessianEigensolver", "METHODS", "ONE_EIGENPAIR_METHODS", "hessian_eigenpairs"]
@@ -59,30 +62,29 @@ class HessianEigensolver:
 
     def __call__(self, objective: Objective, params: Sequence[Tensor]) -> EigenResult:
         params = tuple(params)
-        matvec: Callable[[Tensor], Tensor]
+        operator: LinearOperator
         if self.method == "paper":
 
             def matvec(v: Tensor) -> Tensor:
                 return flatten(objective.finite_difference_hvp(params, unflatten(v, params), self.fd_eps))
 
+            first = params[0]
+            operator = LinearOperator(matvec, sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
             solver = paper_power_iteration
         else:
             # every product after the first reuses the gradient graph (released below)
-            matvec = objective.hvp_operator(params)
+            operator = objective.hvp_operator(params)
             solver = SOLVERS[self.method]
-        first = params[0]
+        keep: dict[str, Any] = {"keep": self.block} if self.block > self.k else {}  # lanczos only
         try:
             result = solver(
-                matvec,
-                sum(p.numel() for p in params),
+                operator,
                 k=self.k,
                 v0=self.previous if self.warm_start else None,
                 tol=self.tol,
                 max_iter=self.max_iter,
                 generator=self.generator,
-                dtype=first.dtype,
-                device=first.device,
-                **({"keep": self.block} if self.block > self.k else {}),
+                **keep,
             )
         finally:
             objective.release_hvp_graph()

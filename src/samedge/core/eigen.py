@@ -9,15 +9,18 @@ matrix-vector products (``matvecs``; HVPs when the operator is a Hessian).
   ``scipy.sparse.linalg.eigsh`` because ARPACK builds a Krylov basis of at least ``ncv`` vectors
   (20 by default, never fewer than ``k + 1``) before it first tests convergence, and takes a
   single start vector: a warm start from the previous step's eigenvector, which is within a few
-  HVPs of converging, still costs ``ncv`` HVPs.  Here convergence is tested after every step.
-  ``benchmarks/`` measures both.
+  HVPs of converging, still costs ``ncv`` HVPs.  Here convergence is tested after every step
+  (``benchmarks/RESULTS.md`` compares the two).  The recurrence is
+  :class:`~samedge.core.lanczos.LanczosProcess`, shared with the spectral density.
 * :func:`eigsh` : SciPy's ARPACK, with residuals computed afterwards (k extra products, counted).
 * :func:`power_iteration`: power iteration stopped on the residual (not the relative change).
 * :func:`paper_power_iteration`: the estimator of Long & Bartlett's code, kept as a baseline:
   stops when ``||A v||`` changes by less than ``rtol`` relative, at most 100 products.  It
   reports its residual, but its stopping rule does not bound it.
 
-Vectors are torch tensors of shape ``(dim,)``; ``matvec`` maps such a vector to another.
+Every solver takes the operator as a :class:`~samedge.core.operator.LinearOperator` (which knows its
+``dim``, ``dtype`` and ``device`` and counts its products), or as a plain ``matvec`` callable on
+torch tensors of shape ``(dim,)`` with ``dim`` (and ``dtype``, ``device``) beside it.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-Matvec = Callable[[Tensor], Tensor]
+from samedge.core.lanczos import LanczosProcess, orthonormal_rows
+from samedge.core.operator import LinearOperator, Matvec, as_operator
 
 __all__ = ["EigenResult", "lanczos", "eigsh", "power_iteration", "paper_power_iteration", "SOLVERS"]
 
@@ -95,9 +98,14 @@ def _gaps(wanted: np.ndarray, seen: np.ndarray) -> np.ndarray:
     return out
 
 
+def _random_vector(dim: int, generator: torch.Generator | None, dtype, device) -> Tensor:
+    """A standard normal vector drawn in float64 on the CPU from ``generator``, then moved."""
+    return torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
 def _start_vector(dim: int, v0: Tensor | None, generator: torch.Generator | None, dtype, device) -> Tensor:
     if v0 is None:
-        v = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+        v = _random_vector(dim, generator, dtype, device)
     else:
         v = v0.to(dtype=dtype, device=device)
         if v.ndim == 2:  # several previous eigenvectors: start from their sum
@@ -111,20 +119,22 @@ def _start_vector(dim: int, v0: Tensor | None, generator: torch.Generator | None
 
 
 def lanczos(
-    matvec: Matvec,
-    dim: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
     *,
     k: int = 1,
     v0: Tensor | None = None,
     tol: float = 1e-3,
     max_iter: int = 100,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
     keep: int | None = None,
 ) -> EigenResult:
     """The ``k`` largest (algebraic) eigenpairs by Lanczos with full reorthogonalization.
 
+    ``operator``: a :class:`~samedge.core.operator.LinearOperator`, or a ``matvec`` callable with
+    its ``dim`` (``dtype`` float32 and ``device`` CPU unless given).
     Stops as soon as every wanted Ritz pair has ``residual <= tol * max |ritz value|``; since an
     eigenvalue lies within the residual of each Ritz value, this bounds the relative error of
     the eigenvalues by ``tol`` (in practice the error is about ``residual**2 / gap``, far smaller).
@@ -132,47 +142,34 @@ def lanczos(
     solve's top Ritz vectors).  A block start first takes the products of the whole block and then
     adds, at each step, the residual of the wanted Ritz pair that is furthest from converged (for
     a single vector this spans the same Krylov space as Lanczos).  A block holds every copy of a
-    repeated eigenvalue it spans, which one start vector's Krylov space can miss; on the CIFAR-10
-    default's clustered top eigenvalues a block of 3 saved little (median 9.5 products per
-    reading against 10 to 11 from one vector).
+    repeated eigenvalue it spans, which one start vector's Krylov space can miss (what it saves
+    on a clustered spectrum: ``benchmarks/RESULTS.md``).
     ``keep`` (>= ``k``) sets how many top Ritz vectors the result carries in ``block``, to start
     the next solve from.  When the Krylov space becomes invariant (the start lies in an
     eigenspace), the iteration restarts from a random vector orthogonal to it, so one more
     product checks for eigenvalues it cannot see.
     """
-    if k < 1 or k > dim:
-        raise ValueError(f"k must be in [1, {dim}], got {k}")
+    op = as_operator(operator, dim, dtype=dtype, device=device)
+    if k < 1 or k > op.dim:
+        raise ValueError(f"k must be in [1, {op.dim}], got {k}")
     if tol <= 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    max_iter = min(max_iter, dim)
+    max_iter = min(max_iter, op.dim)
     if max_iter < k:
         raise ValueError(f"max_iter must be >= k = {k}, got {max_iter}")
     keep = k if keep is None else max(keep, k)
     if v0 is not None and v0.ndim == 2 and v0.shape[0] > 1:
-        return _block_started(matvec, dim, v0, k, keep, tol, max_iter, generator, dtype, device)
-    q = _start_vector(dim, v0, generator, dtype, device)
-    basis: list[Tensor] = []
-    alphas: list[float] = []
-    betas: list[float] = []
-    beta = 0.0
+        return _block_started(op, v0, k, keep, tol, max_iter, generator)
+    taken = op.matvecs
+    process = LanczosProcess(op, _start_vector(op.dim, v0, generator, op.dtype, op.device))
     theta = np.zeros(0)
     S = np.zeros((0, 0))
     residuals = np.full(k, np.inf)
     converged = False
     fresh = -1  # iteration index of the last restart vector
     for j in range(max_iter):
-        basis.append(q)
-        w = matvec(q)
-        alpha = float(torch.dot(q.double(), w.double()))
-        w = w - alpha * q
-        if j > 0:
-            w = w - beta * basis[-2]
-        Q = torch.stack(basis)
-        for _ in range(2):  # full reorthogonalization, twice is enough (Parlett)
-            w = w - Q.T @ (Q @ w)
-        alphas.append(alpha)
-        beta = float(torch.linalg.vector_norm(w.double()))
-        theta, S = scipy.linalg.eigh_tridiagonal(np.array(alphas), np.array(betas))
+        beta = process.step()
+        theta, S = process.ritz()
         order = np.argsort(theta)[::-1]
         theta, S = theta[order], S[:, order]
         m = min(k, len(theta))
@@ -182,7 +179,7 @@ def lanczos(
         # repeated top eigenvalue: restart from a fresh orthogonal vector, and trust an exhausted
         # space only when that fresh vector is itself an eigenvector (all that is left is one
         # eigenspace, already represented).
-        invariant = beta <= 1e-10 * scale and len(basis) < dim
+        invariant = beta <= 1e-10 * scale and len(process.basis) < op.dim
         if m == k and np.all(residuals <= tol * scale) and not (invariant and j != fresh):
             converged = True
             break
@@ -190,22 +187,22 @@ def lanczos(
             break
         if invariant:
             fresh = j + 1
-            w = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
-            for _ in range(2):
-                w = w - Q.T @ (Q @ w)
-            beta_next = 0.0
-            q = w / torch.linalg.vector_norm(w)
+            process.restart(_random_vector(op.dim, generator, op.dtype, op.device))
         else:
-            beta_next = beta
-            q = w / beta
-        betas.append(beta_next)
-        beta = beta_next
-    Q = torch.stack(basis)
-    return _ritz_result(theta, S, Q, residuals, k, keep, converged, dtype)
+            process.advance()
+    return _ritz_result(theta, S, process.Q, residuals, k, keep, converged, op.dtype, op.matvecs - taken)
 
 
 def _ritz_result(
-    theta: np.ndarray, S: np.ndarray, Q: Tensor, residuals: np.ndarray, k: int, keep: int, converged: bool, dtype
+    theta: np.ndarray,
+    S: np.ndarray,
+    Q: Tensor,
+    residuals: np.ndarray,
+    k: int,
+    keep: int,
+    converged: bool,
+    dtype: torch.dtype,
+    matvecs: int,
 ) -> EigenResult:
     """The top ``k`` Ritz pairs of basis ``Q`` (rows) with coefficients ``S`` (columns, by
     ``theta`` descending), and the top ``keep`` Ritz vectors as ``block`` when ``keep > k``."""
@@ -216,64 +213,37 @@ def _ritz_result(
         ritz[:m],
         np.asarray(residuals[:m]).copy(),
         converged,
-        len(Q),
+        matvecs,
         "lanczos",
         _gaps(theta[:m], theta),
         block=ritz if kept > m else None,
     )
 
 
-def _orthonormal_rows(V: Tensor, against: Tensor | None = None) -> Tensor:
-    """Orthonormal rows spanning ``V``'s rows (less any part in ``against``'s row span); rows that
-    are (nearly) dependent are dropped."""
-    W = V.double()
-    if against is not None:
-        A = against.double()
-        for _ in range(2):
-            W = W - (W @ A.T) @ A
-    rows: list[Tensor] = []
-    for w in W:
-        scale = float(torch.linalg.vector_norm(w))
-        for _ in range(2):
-            for q in rows:
-                w = w - torch.dot(q, w) * q
-        n = float(torch.linalg.vector_norm(w))
-        if n > 1e-8 * max(scale, 1e-300):
-            rows.append(w / n)
-    return torch.stack(rows) if rows else W[:0]
-
-
 def _block_started(
-    matvec: Matvec,
-    dim: int,
+    op: LinearOperator,
     block: Tensor,
     k: int,
     keep: int,
     tol: float,
     max_iter: int,
     generator: torch.Generator | None,
-    dtype: torch.dtype,
-    device: torch.device | str,
 ) -> EigenResult:
     """:func:`lanczos` from a block of start vectors: Rayleigh-Ritz on a basis that starts as the
     block and grows by one residual per product.  Residuals are computed from the stored products
     (``||A u - theta u||`` exactly, not the Lanczos relation's estimate); the basis and its products
-    are kept, two vectors of ``dim`` per product.
-
-    It stops on the residual, as the one-vector path does.  Stopping on the error bound
-    ``min(r, r**2 / gap)`` instead was tried and dropped: on the CIFAR-10 default (block of 3,
-    readings every 10 steps) it cut the median to 7 HVPs, but one reading in nine converged to the
-    cluster's second eigenvalue, 1.7% below the sharpness, while its bound said 8e-4: a block whose
-    vectors stopped early is a worse start for the next reading, and the gap the bound relies on
-    is then not there."""
+    are kept, two vectors of ``dim`` per product.  It stops on the residual, as the one-vector path
+    does (``benchmarks/RESULTS.md`` shows why not on the error bound ``min(r, r**2 / gap)``)."""
+    dim, dtype = op.dim, op.dtype
     if block.shape[1:] != (dim,):
         raise ValueError(f"start block has shape {tuple(block.shape)}, expected (b, {dim})")
     if not torch.isfinite(block).all():
         raise ValueError("start block must be finite")
-    Q = _orthonormal_rows(block.to(device=device))[:max_iter]
+    Q = orthonormal_rows(block.to(device=op.device))[:max_iter]
     if len(Q) == 0:
         raise ValueError("start block must be nonzero")
-    AQ = torch.stack([matvec(q.to(dtype)).double() for q in Q])
+    taken = op.matvecs
+    AQ = torch.stack([op(q.to(dtype)).double() for q in Q])
     T = Q @ AQ.T
     converged = checked = False
     while True:
@@ -297,21 +267,21 @@ def _block_started(
             break
         # grow by the residual of the wanted pair furthest from converged (orthogonal to the basis);
         # a residual already in the basis' span (lost to rounding) is replaced by a random vector
-        new = _orthonormal_rows(R[int(np.argmax(residuals))][None], Q)
+        new = orthonormal_rows(R[int(np.argmax(residuals))][None], Q)
         if done or len(new) == 0:
             checked = True
-            fresh = torch.randn(dim, generator=generator, dtype=torch.float64).to(Q.device)
-            new = _orthonormal_rows(fresh[None], Q)
+            fresh = _random_vector(dim, generator, torch.float64, Q.device)
+            new = orthonormal_rows(fresh[None], Q)
         q = new[0]
-        Aq = matvec(q.to(dtype)).double()
+        Aq = op(q.to(dtype)).double()
         T = torch.cat([torch.cat([T, (Q @ Aq)[:, None]], dim=1), torch.cat([AQ @ q, (q @ Aq)[None]])[None]], dim=0)
         Q, AQ = torch.cat([Q, q[None]]), torch.cat([AQ, Aq[None]])
-    return _ritz_result(theta, S, Q, residuals, k, keep, converged, dtype)
+    return _ritz_result(theta, S, Q, residuals, k, keep, converged, dtype, op.matvecs - taken)
 
 
 def eigsh(
-    matvec: Matvec,
-    dim: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
     *,
     k: int = 1,
     v0: Tensor | None = None,
@@ -319,59 +289,54 @@ def eigsh(
     max_iter: int = 100,
     ncv: int | None = None,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> EigenResult:
-    """The ``k`` largest eigenpairs by SciPy's ARPACK (``which="LA"``).
+    """The ``k`` largest eigenpairs by SciPy's ARPACK (``which="LA"``), on
+    :meth:`~samedge.core.operator.LinearOperator.to_scipy`.
 
     ``max_iter`` is ARPACK's restart limit.  Residuals are computed exactly afterwards with
     ``k`` more products, which are included in ``matvecs``.
     """
-    count = 0
-
-    def apply(x: np.ndarray) -> np.ndarray:
-        nonlocal count
-        count += 1
-        v = torch.as_tensor(np.ascontiguousarray(x).ravel(), dtype=dtype, device=device)
-        return matvec(v).double().cpu().numpy()
-
-    op = scipy.sparse.linalg.LinearOperator((dim, dim), matvec=apply, dtype=np.float64)
-    start = _start_vector(dim, v0, generator, torch.float64, "cpu").numpy()
+    op = as_operator(operator, dim, dtype=dtype, device=device)
+    taken = op.matvecs
+    start = _start_vector(op.dim, v0, generator, torch.float64, "cpu").numpy()
     converged = True
     try:
-        vals, vecs = scipy.sparse.linalg.eigsh(op, k=k, which="LA", v0=start, tol=tol, maxiter=max_iter, ncv=ncv)
+        vals, vecs = scipy.sparse.linalg.eigsh(
+            op.to_scipy(), k=k, which="LA", v0=start, tol=tol, maxiter=max_iter, ncv=ncv
+        )
     except scipy.sparse.linalg.ArpackNoConvergence as err:
         vals, vecs, converged = err.eigenvalues, err.eigenvectors, False
     order = np.argsort(vals)[::-1]
     vals, vecs = vals[order], vecs[:, order]
-    vectors = torch.as_tensor(vecs.T.copy(), dtype=dtype, device=device)
-    residuals = np.array(
-        [float(torch.linalg.vector_norm((matvec(v) - lam * v).double())) for lam, v in zip(vals, vectors)]
-    )
+    vectors = torch.as_tensor(vecs.T.copy(), dtype=op.dtype, device=op.device)
+    residuals = np.array([float(torch.linalg.vector_norm((op(v) - lam * v).double())) for lam, v in zip(vals, vectors)])
     return EigenResult(
-        vals, vectors, residuals, converged and len(vals) == k, count + len(vals), "eigsh", _gaps(vals, vals)
+        vals, vectors, residuals, converged and len(vals) == k, op.matvecs - taken, "eigsh", _gaps(vals, vals)
     )
 
 
 def power_iteration(
-    matvec: Matvec,
-    dim: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
     *,
     k: int = 1,
     v0: Tensor | None = None,
     tol: float = 1e-3,
     max_iter: int = 100,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> EigenResult:
     """Top (largest-magnitude) eigenpair by power iteration, stopped on ``residual <= tol |lam|``."""
     if k != 1:
         raise ValueError("power iteration finds one eigenpair; use lanczos for k > 1")
-    v = _start_vector(dim, v0, generator, dtype, device)
+    op = as_operator(operator, dim, dtype=dtype, device=device)
+    v = _start_vector(op.dim, v0, generator, op.dtype, op.device)
     theta, residual, converged, n = 0.0, np.inf, False, 0
     for n in range(1, max_iter + 1):
-        w = matvec(v)
+        w = op(v)
         theta = float(torch.dot(v.double(), w.double()))
         residual = float(torch.linalg.vector_norm((w - theta * v).double()))
         if residual <= tol * abs(theta):
@@ -384,28 +349,29 @@ def power_iteration(
 
 
 def paper_power_iteration(
-    matvec: Matvec,
-    dim: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
     *,
     k: int = 1,
     v0: Tensor | None = None,
     tol: float = 1e-3,
     max_iter: int = 100,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> EigenResult:
     """Long & Bartlett's estimator: iterate ``v <- A v / ||A v||`` until ``||A v||`` changes by at
     most ``tol`` relative (or falls below ``tol``), at most ``max_iter`` products; the estimate is
     the last ``||A v||``.  ``converged`` reports that rule, which does not bound the error."""
     if k != 1:
         raise ValueError("the paper's estimator finds one eigenpair")
-    v = _start_vector(dim, v0, generator, dtype, device)
+    op = as_operator(operator, dim, dtype=dtype, device=device)
+    v = _start_vector(op.dim, v0, generator, op.dtype, op.device)
     last, current, n = None, 1.0, 0
     residual = np.inf
     while (last is None or (abs(current - last) > current * tol and abs(current) > tol)) and n < max_iter:
         last = current
-        w = matvec(v)
+        w = op(v)
         n += 1
         rayleigh = float(torch.dot(v.double(), w.double()))
         residual = float(torch.linalg.vector_norm((w - rayleigh * v).double()))

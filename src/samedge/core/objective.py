@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from samedge.core.losses import LossFn, SummedLoss, count_correct, summed_loss
+from samedge.core.operator import LinearOperator
 from samedge.core.params import Params, flatten, unflatten
 
 __all__ = ["Objective", "Evaluation", "HVP_MODES", "MODES", "frozen_rng"]
@@ -324,15 +325,16 @@ class Objective:
                 acc.div_(scale)
         return tuple(out)
 
-    def hvp_operator(self, params: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
-        """``v -> H(params) v`` on flat vectors, for an eigen-solver: every product after the first
-        reuses the kept gradient graphs.  Call :meth:`release_hvp_graph` when done."""
+    def hvp_operator(self, params: Sequence[Tensor]) -> LinearOperator:
+        """``v -> H(params) v`` on flat vectors (of the parameters' total size, dtype and device),
+        for an eigen-solver: every product after the first reuses the kept gradient graphs.  Call
+        :meth:`release_hvp_graph` when done."""
         like = tuple(params)
 
         def matvec(v: Tensor) -> Tensor:
             return flatten(self.hvp(like, unflatten(v, like)))
 
-        return matvec
+        return LinearOperator(matvec, sum(p.numel() for p in like), dtype=like[0].dtype, device=like[0].device)
 
     def release_hvp_graph(self) -> None:
         """Free the gradient graphs kept for repeated HVPs."""

@@ -18,26 +18,27 @@
   ``(1/n) sum_i delta(lambda_i)``; :class:`SpectralDensity` smooths it with a Gaussian, gives its
   Wasserstein-1 distance to a set of eigenvalues and its own trace estimate.
 
-Both work on a ``matvec`` (a flat tensor to a flat tensor), as :mod:`samedge.core.eigen` does, and
-are seeded by a ``torch.Generator``: the same generator state gives the same numbers.
-:func:`hessian_trace` and :func:`hessian_density` bind them to an :class:`Objective`'s exact HVP.
+Both take a :class:`~samedge.core.operator.LinearOperator` (or a ``matvec`` callable with its
+``dim``), as the solvers of :mod:`samedge.core.eigen` do, run the same
+:class:`~samedge.core.lanczos.LanczosProcess` (SLQ) and are seeded by a ``torch.Generator``: the
+same generator state gives the same numbers.  :func:`hessian_trace` and :func:`hessian_density`
+bind them to an :class:`Objective`'s exact HVP.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import scipy.stats
 import torch
 from torch import Tensor
 
+from samedge.core.lanczos import LanczosProcess, orthonormal_rows
 from samedge.core.objective import Objective
-
-Matvec = Callable[[Tensor], Tensor]
+from samedge.core.operator import LinearOperator, Matvec, as_operator
 
 __all__ = [
     "TraceEstimate",
@@ -70,49 +71,39 @@ class TraceEstimate:
     deflated_part: float = 0.0
 
 
-def _orthonormal(vectors: Tensor) -> Tensor:
-    """Rows of ``vectors`` orthonormalized (QR in float64); rows that are numerically dependent
-    are dropped."""
-    q, r = torch.linalg.qr(vectors.double().T)
-    diag = torch.abs(torch.diagonal(r))
-    keep = diag > 1e-8 * max(float(diag.max()), 1e-300) if diag.numel() else diag.bool()
-    return q[:, keep].T.to(vectors.dtype)
-
-
 def hutchinson_trace(
-    matvec: Matvec,
-    dim: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
     *,
     probes: int = 32,
     generator: torch.Generator | None = None,
     deflate: Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> TraceEstimate:
-    """Hutchinson's trace estimate of the symmetric operator ``matvec`` with ``probes`` Rademacher
-    probes, and its standard error.  ``deflate``: vectors (rows, shape ``(k, dim)``) whose span is
-    handled exactly (e.g. the top eigenvectors from the sharpness solve); ``k`` more products."""
+    """Hutchinson's trace estimate of the symmetric ``operator`` (or ``matvec`` callable with its
+    ``dim``) with ``probes`` Rademacher probes, and its standard error.  ``deflate``: vectors (rows,
+    shape ``(k, dim)``) whose span is handled exactly (e.g. the top eigenvectors from the sharpness
+    solve); ``k`` more products."""
     if probes < 2:
         raise ValueError(f"probes must be >= 2 for a standard error, got {probes}")
-    if dim < 1:
-        raise ValueError(f"dim must be >= 1, got {dim}")
+    op = as_operator(operator, dim, dtype=dtype, device=device)
+    taken = op.matvecs
     V = None
     deflated_part = 0.0
-    matvecs = 0
     if deflate is not None:
-        if deflate.ndim != 2 or deflate.shape[1] != dim:
-            raise ValueError(f"deflation vectors must have shape (k, {dim}), got {tuple(deflate.shape)}")
-        V = _orthonormal(deflate.to(device=device, dtype=dtype))
+        if deflate.ndim != 2 or deflate.shape[1] != op.dim:
+            raise ValueError(f"deflation vectors must have shape (k, {op.dim}), got {tuple(deflate.shape)}")
+        V = orthonormal_rows(deflate.to(device=op.device, dtype=op.dtype)).to(op.dtype)
         for v in V:
-            deflated_part += float(torch.dot(v.double(), matvec(v).double()))
-            matvecs += 1
+            deflated_part += float(torch.dot(v.double(), op(v).double()))
     samples = np.empty(probes)
     for i in range(probes):
-        z = rademacher(dim, generator, dtype, device)
+        z = rademacher(op.dim, generator, op.dtype, op.device)
         if V is not None and len(V):
             z = z - V.T @ (V @ z)
-        samples[i] = float(torch.dot(z.double(), matvec(z).double()))
-        matvecs += 1
+        samples[i] = float(torch.dot(z.double(), op(z).double()))
+    matvecs = op.matvecs - taken
     return TraceEstimate(
         trace=deflated_part + float(samples.mean()),
         stderr=float(samples.std(ddof=1) / math.sqrt(probes)),
@@ -171,69 +162,46 @@ class SpectralDensity:
         return float(scipy.stats.wasserstein_distance(values, np.asarray(eigenvalues, dtype=float), weights))
 
 
-def _lanczos_tridiagonal(matvec: Matvec, q: Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """``alphas, betas`` of ``steps`` Lanczos steps from the unit vector ``q`` with full
-    reorthogonalization; stops early when the Krylov space is exhausted (then the Ritz values are
-    exact eigenvalues, and the quadrature is exact for that start vector)."""
-    basis: list[Tensor] = []
-    alphas: list[float] = []
-    betas: list[float] = []
-    beta = 0.0
+def _quadrature(process: LanczosProcess, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes (Ritz values) and weights (squared first components of the tridiagonal matrix's
+    eigenvectors) after ``steps`` steps of ``process``; fewer when the Krylov space is exhausted
+    first (then the Ritz values are exact eigenvalues, and the quadrature is exact for that start)."""
     for j in range(steps):
-        basis.append(q)
-        w = matvec(q)
-        alpha = float(torch.dot(q.double(), w.double()))
-        w = w - alpha * q
-        if j > 0:
-            w = w - beta * basis[-2]
-        Q = torch.stack(basis)
-        for _ in range(2):  # full reorthogonalization (twice is enough)
-            w = w - Q.T @ (Q @ w)
-        alphas.append(alpha)
-        beta = float(torch.linalg.vector_norm(w.double()))
-        if j == steps - 1 or beta <= 1e-10 * max(abs(a) for a in alphas + [1e-300]):
+        beta = process.step()
+        if j == steps - 1 or beta <= 1e-10 * max(abs(a) for a in process.alphas + [1e-300]):
             break
-        betas.append(beta)
-        q = w / beta
-    return np.array(alphas), np.array(betas)
+        process.advance()
+    theta, S = process.ritz()
+    return theta, S[0, :] ** 2
 
 
 def slq_density(
-    matvec: Matvec,
-    dim: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
     *,
     probes: int = 4,
     steps: int = 64,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> SpectralDensity:
-    """Stochastic Lanczos quadrature: ``probes`` runs of ``steps`` Lanczos steps (at most ``dim``)."""
+    """Stochastic Lanczos quadrature of ``operator`` (or a ``matvec`` callable with its ``dim``):
+    ``probes`` runs of ``steps`` Lanczos steps (at most ``dim``)."""
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    steps = min(steps, dim)
+    op = as_operator(operator, dim, dtype=dtype, device=device)
+    taken = op.matvecs
+    steps = min(steps, op.dim)
     nodes = np.zeros((probes, steps))
     weights = np.zeros((probes, steps))
-    matvecs = 0
     for p in range(probes):
-        z = rademacher(dim, generator, dtype, device)
-        alphas, betas = _lanczos_tridiagonal(matvec, z / math.sqrt(dim), steps)
-        matvecs += len(alphas)
-        # the tridiagonal eigenproblem: LAPACK's stemr through SciPy
-        theta, S = scipy.linalg.eigh_tridiagonal(alphas, betas)
-        nodes[p, : len(theta)] = theta
-        weights[p, : len(theta)] = S[0, :] ** 2
-        if len(theta) < steps:
-            nodes[p, len(theta) :] = theta[-1]
-    return SpectralDensity(nodes, weights, dim, matvecs)
-
-
-def _hessian_matvec(objective: Objective, params: Sequence[Tensor]) -> tuple[Matvec, int, torch.dtype, torch.device]:
-    params = tuple(params)
-    matvec = objective.hvp_operator(params)  # reuses one gradient graph for all the products
-    return matvec, sum(p.numel() for p in params), params[0].dtype, params[0].device
+        z = rademacher(op.dim, generator, op.dtype, op.device)
+        theta, w = _quadrature(LanczosProcess(op, z / math.sqrt(op.dim)), steps)
+        n = len(theta)  # fewer than steps when the Krylov space was exhausted: pad with weight 0
+        nodes[p, :n], weights[p, :n], nodes[p, n:] = theta, w, theta[-1]
+    return SpectralDensity(nodes, weights, op.dim, op.matvecs - taken)
 
 
 def hessian_trace(
@@ -245,11 +213,9 @@ def hessian_trace(
     deflate: Tensor | None = None,
 ) -> TraceEstimate:
     """Hutchinson trace of the Hessian of ``objective`` at ``params`` (exact, chunked HVPs)."""
-    matvec, dim, dtype, device = _hessian_matvec(objective, params)
+    operator = objective.hvp_operator(params)  # reuses one gradient graph for all the products
     try:
-        return hutchinson_trace(
-            matvec, dim, probes=probes, generator=generator, deflate=deflate, dtype=dtype, device=device
-        )
+        return hutchinson_trace(operator, probes=probes, generator=generator, deflate=deflate)
     finally:
         objective.release_hvp_graph()
 
@@ -263,8 +229,8 @@ def hessian_density(
     generator: torch.Generator | None = None,
 ) -> SpectralDensity:
     """SLQ spectral density of the Hessian of ``objective`` at ``params`` (exact, chunked HVPs)."""
-    matvec, dim, dtype, device = _hessian_matvec(objective, params)
+    operator = objective.hvp_operator(params)
     try:
-        return slq_density(matvec, dim, probes=probes, steps=steps, generator=generator, dtype=dtype, device=device)
+        return slq_density(operator, probes=probes, steps=steps, generator=generator)
     finally:
         objective.release_hvp_graph()
