@@ -23,8 +23,7 @@ from _report import machine, publish  # benchmarks/_report.py (the script's fold
 from samedge.core.curvature import HessianEigensolver
 from samedge.core.objective import Objective
 from samedge.core.optim import heavy_ball_update, sam_gradient
-from samedge.experiment.config import build_config
-from samedge.experiment.tasks import build_task
+from samedge.experiment import build_config, build_task
 
 
 def timed(fn, repeats: int) -> float:

@@ -15,8 +15,7 @@ import torch
 
 from samedge.core.curvature import HessianEigensolver
 from samedge.core.params import flatten, unflatten
-from samedge.experiment.config import build_config
-from samedge.experiment.tasks import build_task
+from samedge.experiment import build_config, build_task
 
 EPS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 

@@ -73,8 +73,7 @@ def child(data: str, n_train: int, chunk_size: int | None, threads: int | None) 
 
     import torch
 
-    from samedge.experiment.config import build_config
-    from samedge.experiment.tasks import build_task
+    from samedge.experiment import build_config, build_task
 
     if threads:
         torch.set_num_threads(threads)
@@ -126,8 +125,7 @@ def equivalence(data: str, n_train: int, chunk_size: int) -> dict:
 
     from samedge.core.objective import Objective
     from samedge.core.params import flatten
-    from samedge.experiment.config import build_config
-    from samedge.experiment.tasks import build_task
+    from samedge.experiment import build_config, build_task
 
     cfg = build_config("cifar10", overrides=dict(data=data, n_train=n_train, n_test=1, chunk_size=n_train))
     task = build_task(cfg)

@@ -23,8 +23,7 @@ from samedge.core.curvature import HessianEigensolver
 from samedge.core.eigen import paper_power_iteration
 from samedge.core.optim import heavy_ball_update, sam_gradient
 from samedge.core.params import flatten, unflatten
-from samedge.experiment.config import build_config
-from samedge.experiment.tasks import build_task
+from samedge.experiment import build_config, build_task
 
 
 def main() -> None:

@@ -75,9 +75,7 @@ def cost_floor(run_dir: Path, repeats: int = 3) -> dict:
     """Seconds of one optimizer step and of the cheapest reading at ``run_dir``'s final weights."""
 
     from samedge.core.curvature import HessianEigensolver
-    from samedge.experiment.store.checkpoint import load_checkpoint
-    from samedge.experiment.store.layout import RunDir
-    from samedge.experiment.tasks import build_task
+    from samedge.experiment import RunDir, build_task, load_checkpoint
 
     cfg = RunDir(run_dir).read_config()
     task = build_task(cfg)

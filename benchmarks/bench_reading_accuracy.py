@@ -21,8 +21,7 @@ import statistics
 import torch
 
 from samedge.core.curvature import HessianEigensolver
-from samedge.experiment.config import build_config
-from samedge.experiment.tasks import build_task
+from samedge.experiment import build_config, build_task
 
 REFERENCE_TOL = 1e-7
 

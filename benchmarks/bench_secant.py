@@ -25,9 +25,7 @@ from pathlib import Path
 import torch
 from _report import machine, publish
 
-from samedge.experiment.config import build_config
-from samedge.experiment.run.runner import run
-from samedge.experiment.store.metrics import read_metrics
+from samedge.experiment import build_config, read_metrics, run
 
 
 def compare(run_dir: Path) -> dict:

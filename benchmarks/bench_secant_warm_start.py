@@ -14,8 +14,7 @@ import torch
 
 from samedge.core.curvature import HessianEigensolver
 from samedge.core.secant import StepSecants
-from samedge.experiment.config import build_config
-from samedge.experiment.tasks import build_task
+from samedge.experiment import build_config, build_task
 
 
 def main() -> None:

@@ -36,8 +36,7 @@ from samedge.core.curvature import HessianEigensolver
 from samedge.core.method import Method
 from samedge.core.params import flatten, unflatten
 from samedge.core.spectrum import hessian_density, hessian_trace
-from samedge.experiment.config import build_config
-from samedge.experiment.tasks import build_task
+from samedge.experiment import build_config, build_task
 
 
 def _pyhessian():

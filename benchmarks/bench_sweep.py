@@ -18,8 +18,7 @@ from pathlib import Path
 
 from _report import machine, publish
 
-from samedge.experiment.sweeps.driver import run_sweep
-from samedge.experiment.sweeps.spec import SweepSpec, prepare_sweep_dir
+from samedge.experiment import SweepSpec, prepare_sweep_dir, run_sweep
 
 
 def timed_sweep(out: Path, steps: int, executor: str, cpus: int) -> float:

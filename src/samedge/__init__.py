@@ -20,9 +20,11 @@ __version__ = "0.2.0"
 
 from samedge.errors import BadInput
 
-#: The library API (from :mod:`samedge.core`), imported on first use.
+#: The library API: every name of ``samedge.core.__all__`` (a test keeps the two equal, and the
+#: names for type checkers below too), imported on first use.
 _CORE_NAMES = (
     "Method",
+    "METHOD_KINDS",
     "gd_edge",
     "momentum_edge",
     "sam_edge",
@@ -41,6 +43,7 @@ _CORE_NAMES = (
     "sam_gradient",
     "heavy_ball_update",
     "Measurement",
+    "measure",
     "SharpnessTracker",
     "TraceEstimate",
     "SpectralDensity",
@@ -54,6 +57,7 @@ __all__ = ["__version__", "BadInput", *_CORE_NAMES]
 
 if TYPE_CHECKING:  # the names as static type checkers see them
     from samedge.core import (
+        METHOD_KINDS,
         SAM,
         EigenResult,
         HessianEigensolver,
@@ -74,6 +78,7 @@ if TYPE_CHECKING:  # the names as static type checkers see them
         hessian_trace,
         hutchinson_trace,
         lanczos,
+        measure,
         momentum_edge,
         perturbation,
         sam_edge,

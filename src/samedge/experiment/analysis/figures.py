@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from samedge.core.method import Method  # noqa: E402
 from samedge.errors import RunDirError  # noqa: E402
+from samedge.experiment.config import RunConfig  # noqa: E402
 from samedge.experiment.store.density import read_density  # noqa: E402
 from samedge.experiment.store.layout import RunDir  # noqa: E402
 from samedge.experiment.store.metrics import edge_reached_index, read_metrics  # noqa: E402
@@ -96,9 +97,19 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     title = f"{cfg.task} {method.kind.upper()}  eta={method.eta:g}" + (
         f"  rho={method.rho:g}" if method.perturbs else ""
     )
-    steps = _column(rows, "step")
     written: list[Path] = []
+    for draw in (_plot_sharpness, _plot_sharpness_vs_edge, _plot_alignment, _plot_loss, _plot_grad_norm):
+        written += draw(run_dir, rows, cfg, title)
+    if "trace" in rows[0]:
+        written += _plot_trace(run_dir, rows, title)
+    if RunDir(run_dir).density.exists():
+        written += plot_density(run_dir, title)
+    return written
 
+
+def _plot_sharpness(run_dir: Path, rows: list, cfg: RunConfig, title: str) -> list[Path]:
+    """lambda_1 (and the per-step secant estimate, lambda_2.., at w+e) against the edges."""
+    method, steps = cfg.method(), _column(rows, "step")
     extra_eigs = sorted(k for k in rows[0] if k.startswith("lambda_"))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     secant = _secant_series(run_dir)
@@ -122,7 +133,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         _column(rows, "gd_edge"),
         color="tab:purple",
         ls="--",
-        label=r"$2/\eta$" if not cfg.get("momentum") else r"$(2+2\beta)/\eta$",
+        label=r"$2/\eta$" if not cfg.momentum else r"$(2+2\beta)/\eta$",
     )
     if "sharpness_perturbed" in rows[0]:
         ax.plot(
@@ -138,11 +149,15 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     _clip_initial_transient(ax, rows, [_column(rows, c) for c in ("sharpness", "sam_edge", "gd_edge")])
     ax.set_title(title)
     ax.legend()
-    written += _save(fig, run_dir, "sharpness")
+    return _save(fig, run_dir, "sharpness")
 
+
+def _plot_sharpness_vs_edge(run_dir: Path, rows: list, cfg: RunConfig, title: str) -> list[Path]:
+    """lambda_1 and its edge (minibatch and evaluation batch), and their ratio."""
+    method, steps = cfg.method(), _column(rows, "step")
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     has_eval = "eval_sharpness" in rows[0]
-    minibatch = " (minibatch)" if cfg.get("batch_size") else ""
+    minibatch = " (minibatch)" if cfg.batch_size else ""
     ax1.plot(steps, _column(rows, "sharpness"), color="tab:blue", label=r"$\lambda_1$" + minibatch)
     ax1.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_edge_label(method) + minibatch)
     series = [_column(rows, "sharpness"), _column(rows, "sam_edge")]
@@ -180,8 +195,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax2.axhspan(0.9, 1.1, color="gray", alpha=0.15)
     ax2.set_ylabel(r"$\lambda_1$ / edge")
     ax2.set_xlabel("step")
-    written += _save(fig, run_dir, "sharpness_vs_edge")
+    return _save(fig, run_dir, "sharpness_vs_edge")
 
+
+def _plot_alignment(run_dir: Path, rows: list, cfg: RunConfig, title: str) -> list[Path]:
+    """How the gradient and SAM's gradient align with the top eigenvector."""
+    steps = _column(rows, "step")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(steps, _column(rows, "grad_alignment"), color="tab:blue", label=r"$|\cos(g, v_1)|$")
     ax.plot(steps, _column(rows, "sam_grad_alignment"), color="tab:green", label=r"$|\cos(g_{SAM}, v_1)|$")
@@ -190,8 +209,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
     ax.legend()
-    written += _save(fig, run_dir, "alignment")
+    return _save(fig, run_dir, "alignment")
 
+
+def _plot_loss(run_dir: Path, rows: list, cfg: RunConfig, title: str) -> list[Path]:
+    """Train (and test) loss."""
+    steps = _column(rows, "step")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(steps, _column(rows, "train_loss"), color="tab:blue", label="train loss")
     if "test_loss" in rows[0]:
@@ -201,20 +224,19 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()
-    written += _save(fig, run_dir, "loss")
+    return _save(fig, run_dir, "loss")
 
+
+def _plot_grad_norm(run_dir: Path, rows: list, cfg: RunConfig, title: str) -> list[Path]:
+    """The gradient norm the SAM-edge depends on."""
+    steps = _column(rows, "step")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(steps, _column(rows, "grad_norm"), color="tab:blue")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(r"$\|g\|$")
     ax.set_title(title)
-    written += _save(fig, run_dir, "grad_norm")
-    if "trace" in rows[0]:
-        written += _plot_trace(run_dir, rows, title)
-    if RunDir(run_dir).density.exists():
-        written += plot_density(run_dir, title)
-    return written
+    return _save(fig, run_dir, "grad_norm")
 
 
 def _plot_trace(run_dir: Path, rows, title: str) -> list[Path]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import samedge.experiment.world as world
 from samedge.core.curvature import HessianEigensolver
 from samedge.core.measurements import Measurement, measure
 from samedge.core.method import Method
@@ -35,7 +36,6 @@ from samedge.core.objective import Evaluation, Objective
 from samedge.core.params import Params, norm
 from samedge.core.secant import StepSecants
 from samedge.errors import CheckpointError
-import samedge.experiment.world as world
 from samedge.experiment.config import RunConfig
 from samedge.experiment.run.readings import RunSpectrum
 from samedge.experiment.store.checkpoint import TrainState, load_checkpoint, save_checkpoint

@@ -71,7 +71,7 @@ class RayExecutor(Executor):
                 retry_exceptions=False,
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
             )
-            pending = {task.remote(p.config.to_dict(), str(out / p.name), threads, progress): p for p in points}
+            pending = {task.remote(p.settings(), str(out / p.name), threads, progress): p for p in points}
             slots = max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
             reporter.started(min(slots, len(pending)))
             while pending:

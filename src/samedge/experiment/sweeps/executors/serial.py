@@ -22,7 +22,7 @@ class SerialExecutor(Executor):
             assert p.config is not None
             reporter.started()
             try:
-                outcome = execute_point(p.config.to_dict(), str(out / p.name), threads, progress)
+                outcome = execute_point(p.settings(), str(out / p.name), threads, progress)
             except KeyboardInterrupt:
                 raise
             except Exception as err:  # a samedge bug in one run: recorded, the others go on
