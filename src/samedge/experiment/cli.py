@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -27,7 +27,7 @@ from samedge.errors import BadInput, ConfigError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_WORKER_LOST, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
 
 _HELP = {
     "optimizer": "gd, sam or usam",
@@ -344,8 +344,11 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         raise
     except ValueError as err:  # the method refuses the values typed: bad input
         raise ConfigError(str(err)) from None
+    for name, value in out.items():  # numbers leave samedge finite, or not at all
+        if not math.isfinite(value):
+            raise ConfigError(f"the {name} for --eta {args.eta:g} is {value} (not a finite number); --eta is too small")
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(out, allow_nan=False))
     else:
         for k, v in out.items():
             print(f"{k:10s} {v:.10g}")
@@ -488,7 +491,9 @@ def _refuse_locked_early(argv: Sequence[str]) -> None:
 
     if not argv or argv[0] != "run":
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a worker of a run over many processes: rank 0 locks
+    from samedge.experiment.world import env_place
+
+    if env_place().world_size > 1:  # a worker of a run over many processes: rank 0 locks
         return
     for i, arg in enumerate(argv):
         for flag in ("--resume", "--out"):
@@ -501,6 +506,9 @@ def _refuse_locked_early(argv: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        from samedge.experiment.world import env_place
+
+        env_place()  # an inconsistent WORLD_SIZE/RANK/SAMEDGE_DIST_TIMEOUT is refused before anything runs
         _refuse_locked_early(argv)
         try:
             args = build_parser().parse_args(argv)
@@ -519,12 +527,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("samedge: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:
+        if not _lost_peer(err):
+            raise  # a bug of samedge's: its traceback
+        # a rank whose peer died: the launcher (or torchrun) names the dead rank; this one says one line
+        print(
+            f"samedge: error: rank lost its peers ({type(err).__name__}); see the dead rank's message", file=sys.stderr
+        )
+        return EXIT_WORKER_LOST
+
+
+def _lost_peer(err: BaseException) -> bool:
+    if "torch" not in sys.modules:
+        return False
+    from samedge.experiment.world import lost_peer
+
+    return lost_peer(err)
 
 
 def _is_rank0() -> bool:
     """Whether this process speaks for a run: rank 0 of a run over many processes, or the only one
-    (read from the environment torchrun and ``--nproc`` set, without importing torch)."""
-    return os.environ.get("RANK", "0") == "0"
+    (read from the environment torchrun and ``--nproc`` set, without importing torch); a process
+    whose environment is inconsistent speaks for itself."""
+    from samedge.experiment.world import env_place
+
+    try:
+        return env_place().is_writer
+    except BadInput:
+        return True
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,10 +7,18 @@ is still going or was interrupted.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
-import matplotlib
 import numpy as np
+
+# samedge draws to files with Agg whatever MPLBACKEND says, so a backend matplotlib does not know
+# (read at its import) must not stop it: the variable is set aside while matplotlib loads.
+_backend = os.environ.pop("MPLBACKEND", None)
+import matplotlib  # noqa: E402
+
+if _backend is not None:
+    os.environ["MPLBACKEND"] = _backend
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

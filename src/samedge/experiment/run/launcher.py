@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from samedge.experiment.store.layout import RunDir
 from samedge.experiment.world import EXIT_WORKER_LOST, LAUNCHER_ENV, STORE_ENV
 
 __all__ = ["launch", "EXIT_WORKER_LOST"]
@@ -55,9 +56,13 @@ def launch(nproc: int, argv: Sequence[str], run_dir: Path) -> int:
         if code > 1:
             return code  # the workers said why (rank 0's one-line error, or the divergence report)
         what = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed with exit status {code}"
+        if RunDir(run_dir).checkpoint.exists():
+            then = f"The last checkpoint in {run_dir} is intact: continue with `{resume}`"
+        else:
+            then = "No checkpoint was written yet: start again with the same command and --overwrite"
         print(
             f"samedge: error: worker rank {rank} of {nproc} (pid {procs[rank].pid}) {what}; "
-            f"stopped {stopped} other worker(s). The last checkpoint in {run_dir} is intact: continue with `{resume}`",
+            f"stopped {stopped} other worker(s). {then}",
             file=sys.stderr,
         )
         return EXIT_WORKER_LOST if code < 0 else code
