@@ -1,0 +1,83 @@
+"""Trust, round two: what the environment can say (rank, world size, timeouts, a matplotlib
+backend) and numbers that leave samedge, each a one-line answer or a correct run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import rows_without_time
+
+from samedge.errors import ConfigError
+from samedge.experiment.cli import main
+from samedge.experiment.world import env_place
+
+TINY = ["--n-train", "200", "--n-test", "100", "--steps", "10", "--measure-every", "5", "--width", "16", "--depth", "2"]
+TINY += ["--no-progress", "--no-plots"]
+
+
+def test_the_environment_decides_rank_and_world_size_in_one_place():
+    assert env_place({}).world_size == 1 and env_place({}).is_writer
+    # a stray RANK with one process (a shell inside a cluster job): still the only, writing process
+    assert env_place({"RANK": "3"}).is_writer
+    assert env_place({"WORLD_SIZE": "1", "RANK": "1"}).is_writer
+    place = env_place({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "1", "SAMEDGE_DIST_TIMEOUT": "30"})
+    assert (place.rank, place.world_size, place.local_rank, place.timeout_s, place.is_writer) == (2, 4, 1, 30.0, False)
+    for env, words in [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be >= 1"),
+        ({"WORLD_SIZE": "2"}, "RANK is not"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "outside [0, WORLD_SIZE=2)"),
+        ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x' is not an integer"),
+        ({"SAMEDGE_DIST_TIMEOUT": "abc"}, "positive number"),
+        ({"SAMEDGE_DIST_TIMEOUT": "0"}, "positive number"),
+        ({"SAMEDGE_DIST_TIMEOUT": "nan"}, "positive number"),
+    ]:
+        with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace(")", r"\)")):
+            env_place(env)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [("WORLD_SIZE", "abc"), ("WORLD_SIZE", "2"), ("SAMEDGE_DIST_TIMEOUT", "abc"), ("SAMEDGE_DIST_TIMEOUT", "0")],
+)
+def test_an_inconsistent_environment_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, name, value):
+    monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["run", "mnist", *TINY, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("samedge: error: ") and err.count("\n") == 1 and name in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_stray_rank_does_not_silence_a_single_process_run(tmp_path, monkeypatch, capsys):
+    assert main(["run", "mnist", *TINY, "--out", str(tmp_path / "plain")]) == 0
+    monkeypatch.setenv("RANK", "1")
+    assert main(["run", "mnist", *TINY, "--out", str(tmp_path / "rank1")]) == 0
+    out = capsys.readouterr().out
+    assert "final train loss" in out  # the report is printed, not swallowed as a silent rank
+    assert rows_without_time(tmp_path / "rank1" / "metrics.csv") == rows_without_time(
+        tmp_path / "plain" / "metrics.csv"
+    )
+    assert (tmp_path / "rank1" / "summary.json").exists()
+    # a bad setting under a stray RANK is said, not swallowed
+    assert main(["run", "mnist", "--eta", "-1", *TINY, "--out", str(tmp_path / "bad")]) == 2
+    assert "eta" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_unknown_matplotlib_backend_does_not_stop_the_figures(tmp_path):
+    code = "from samedge.experiment.analysis.figures import plt; print(plt.get_backend())"
+    out = subprocess.run([sys.executable, "-c", code], env={"MPLBACKEND": "nonsense", "PATH": ""}, capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()[-300:]
+    assert out.stdout.decode().strip().lower() == "agg"
+
+
+def test_edge_numbers_leave_finite_or_not_at_all(capsys):
+    assert main(["edge", "--eta", "1e-320", "--json"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "not a finite number" in out.err and out.err.count("\n") == 1
+    assert main(["edge", "--eta", "0.1", "--rho", "0.1", "--grad-norm", "1", "--json"]) == 0
+    edges = json.loads(capsys.readouterr().out)
+    assert edges == {"gd_edge": 20.0, "sam_edge": 10.0, "usam_edge": pytest.approx(4 / (0.1 * (1 + 3)))}
