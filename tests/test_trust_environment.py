@@ -81,3 +81,54 @@ def test_edge_numbers_leave_finite_or_not_at_all(capsys):
     assert main(["edge", "--eta", "0.1", "--rho", "0.1", "--grad-norm", "1", "--json"]) == 0
     edges = json.loads(capsys.readouterr().out)
     assert edges == {"gd_edge": 20.0, "sam_edge": 10.0, "usam_edge": pytest.approx(4 / (0.1 * (1 + 3)))}
+
+
+FLAT = ["flatness", "mnist", "--steps", "6", "--measure-every", "3", "--trace-probes", "4", "--n-train", "200"]
+FLAT += ["--n-test", "100", "--width", "16", "--depth", "2", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_flatness_keeps_a_users_files_continues_and_says_divergence(tmp_path, monkeypatch, capsys):
+    # a user's file named like the check's own is not replaced, even with --overwrite
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "flatness.json").write_text("mine\n")
+    assert main([*FLAT, "--out", str(mine), "--overwrite"]) == 2
+    assert (mine / "flatness.json").read_text() == "mine\n" and sorted(p.name for p in mine.iterdir()) == [
+        "flatness.json"
+    ]
+    assert "not written by samedge" in capsys.readouterr().err
+
+    # Ctrl-C in the SAM run: 130, and the same command continues to the result of an uninterrupted check
+    import samedge.experiment.run.runner as runner
+
+    out, ref = tmp_path / "f", tmp_path / "ref"
+    assert main([*FLAT, "--out", str(ref)]) == 0
+    real_run = runner.run
+
+    def interrupted(cfg, path, **kw):
+        if cfg.optimizer == "sam":
+
+            def stop(step):
+                if step == 3:
+                    raise KeyboardInterrupt
+
+            kw["on_step"] = stop
+        return real_run(cfg, path, **kw)
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    assert main([*FLAT, "--out", str(out)]) == 130
+    monkeypatch.setattr(runner, "run", real_run)
+    capsys.readouterr()
+    assert main([*FLAT, "--out", str(out)]) == 0
+    for name in ("gd", "sam"):
+        assert rows_without_time(out / name / "metrics.csv") == rows_without_time(ref / name / "metrics.csv")
+    report = json.loads((out / "flatness.json").read_text())["report"]
+    assert report == json.loads((ref / "flatness.json").read_text())["report"]
+    # another setting over an existing check: refused, naming it
+    assert main([*FLAT, "--eta", "0.05", "--out", str(out)]) == 2
+    assert "eta" in capsys.readouterr().err
+
+    # a divergence is exit 3, as in samedge run
+    assert main([*FLAT, "--eta", "50", "--out", str(tmp_path / "div")]) == 3
+    assert "diverged" in capsys.readouterr().err

@@ -265,9 +265,12 @@ def _cmd_flatness(args: argparse.Namespace) -> int:
         raise ConfigError(f"--depart must be in (0, 1), got {args.depart}")
     cfg = build_config(args.task, preset=args.preset, config_file=args.config, overrides=overrides)
     out = Path(args.out) if args.out else default_dir(cfg)
-    _, lines = flatness(cfg, out, overwrite=args.overwrite, progress=not args.no_progress, depart=args.depart)
+    result = flatness(cfg, out, overwrite=args.overwrite, progress=not args.no_progress, depart=args.depart)
+    if result.diverged is not None:
+        print(f"samedge: {result.diverged} (see {out}); choose a smaller eta", file=sys.stderr)
+        return EXIT_DIVERGED
     print(f"output: {out} (gd/, sam/, flatness.json, flatness.png)")
-    for line in lines:
+    for line in result.lines:
         print(line)
     return EXIT_OK
 

@@ -97,7 +97,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     files = RunDir(run_dir)
     if not files.metrics.exists():
         raise RunDirError(f"{run_dir} has no {files.METRICS}; is it a samedge run directory?")
-    rows = read_metrics(files.metrics)
+    rows = read_metrics(files.metrics, required=("step", "sharpness"))
     if not rows:
         raise RunDirError(f"{files.metrics} has no measurements yet")
     cfg = files.read_config()

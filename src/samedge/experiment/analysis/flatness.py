@@ -17,18 +17,20 @@ loss), and says:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from samedge.errors import ConfigError, RunDirError
 from samedge.experiment.config import RunConfig
-from samedge.experiment.store.files import write_json
+from samedge.experiment.store.files import read_json_object, write_json
 from samedge.experiment.store.layout import RunDir
 from samedge.experiment.store.metrics import read_metrics
 
-__all__ = ["flatness", "gd_vs_sam", "default_dir", "DEPART"]
+__all__ = ["flatness", "FlatnessResult", "gd_vs_sam", "default_dir", "DEPART", "FLATNESS_JSON"]
 
 DEPART = 0.10
+FLATNESS_JSON = "flatness.json"
 
 
 def default_dir(cfg: RunConfig) -> Path:
@@ -120,29 +122,89 @@ def _sentences(c: dict[str, Any]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class FlatnessResult:
+    """What the check found (``comparison`` and its sentences), or which run diverged (``diverged``
+    names it and its step; no comparison then)."""
+
+    comparison: dict[str, Any] | None
+    lines: list[str]
+    diverged: str | None = None
+
+
+#: what the check writes into its output directory (besides the run directories gd/ and sam/)
+_OUTPUT_FILES = (FLATNESS_JSON, "flatness.png", "flatness.pdf", FLATNESS_JSON + ".tmp")
+
+
+def _check_output_dir(out: Path, runs: dict[str, RunConfig], overwrite: bool) -> None:
+    """Refuse (before anything runs or is removed) an output directory holding anything the check
+    does not write, or, without ``overwrite``, runs with other settings than these."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunDirError(f"{out} exists and is not a directory")
+    foreign = [e.name for e in sorted(out.iterdir()) if e.name not in (*runs, *_OUTPUT_FILES)]
+    if foreign:
+        raise RunDirError(
+            f"{out} holds {', '.join(foreign[:5])}, which the flatness check does not write; choose another --out"
+        )
+    saved = out / FLATNESS_JSON
+    if saved.exists():
+        try:
+            ours = "report" in read_json_object(saved) and "depart_threshold" in read_json_object(saved)
+        except RunDirError:
+            ours = False
+        if not ours:
+            raise RunDirError(f"{saved} was not written by samedge; refusing to replace it (choose another --out)")
+    if overwrite:
+        return
+    for name, cfg in runs.items():
+        files = RunDir(out / name)
+        if files.config.exists():
+            held = files.read_config()
+            if held != cfg:
+                changed = next(k for k, v in cfg.to_dict().items() if held.to_dict().get(k) != v)
+                raise RunDirError(
+                    f"{out / name} holds a run with {changed} = {held.to_dict().get(changed)!r}, not "
+                    f"{cfg.to_dict()[changed]!r}; pass --overwrite to start the check again, or choose another --out"
+                )
+
+
 def flatness(
     cfg: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True, depart: float = DEPART
-) -> tuple[dict[str, Any], list[str]]:
-    """Run GD and SAM as ``cfg`` says (apart from the optimizer) into ``out``; compare them."""
+) -> FlatnessResult:
+    """Run GD and SAM as ``cfg`` says (apart from the optimizer) into ``out``; compare them.
+
+    Like a sweep, the check continues where it stopped: a finished run is kept, an interrupted
+    one resumed from its checkpoint.  Ctrl-C checkpoints the running run and propagates."""
     from samedge.experiment.run.runner import run
+    from samedge.experiment.sweeps.spec import run_state
 
     out = Path(out)
     gd_cfg, sam_cfg = _configs(cfg)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunDirError(f"{out} already exists; pass --overwrite to replace it")
+    runs = {"gd": gd_cfg, "sam": sam_cfg}
+    _check_output_dir(out, runs, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    for c, name in ((gd_cfg, "gd"), (sam_cfg, "sam")):
-        result = run(c, out / name, progress=progress, overwrite=overwrite)  # refuses non-run directories
-        if result.diverged or result.summary.get("interrupted"):
-            raise ConfigError(f"the {name} run did not finish (see {out / name}); choose a smaller eta")
+    for name, c in runs.items():
+        state = "start" if overwrite else run_state(out / name)
+        if state == "done":
+            continue
+        if state == "diverged":
+            summary = read_json_object(RunDir(out / name).summary, "summary")
+            return FlatnessResult(None, [], f"the {name} run diverged at step {summary.get('diverged_step')}")
+        result = run(c, out / name, progress=progress, overwrite=overwrite, resume=state == "resume")
+        if result.summary.get("interrupted"):
+            raise KeyboardInterrupt
+        if result.diverged:
+            return FlatnessResult(None, [], f"the {name} run diverged at step {result.summary.get('diverged_step')}")
     gd_rows, sam_rows = read_metrics(RunDir(out / "gd").metrics), read_metrics(RunDir(out / "sam").metrics)
     result_dict = gd_vs_sam(gd_rows, sam_rows, depart)
     result_dict.update(eta=cfg.eta, rho=sam_cfg.rho, steps=cfg.steps, seed=cfg.seed, task=cfg.task)
     lines = _sentences(result_dict)
     result_dict["report"] = lines
-    write_json(out / "flatness.json", result_dict)
+    write_json(out / FLATNESS_JSON, result_dict)
     plot_flatness(out, gd_rows, sam_rows, title=f"{cfg.task}  eta={cfg.eta:g}  rho={sam_cfg.rho:g} (SAM)")
-    return result_dict, lines
+    return FlatnessResult(result_dict, lines)
 
 
 def plot_flatness(out: Path, gd_rows: list[dict], sam_rows: list[dict], title: str = "") -> list[Path]:

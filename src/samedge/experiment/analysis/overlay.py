@@ -61,7 +61,7 @@ def _load_run(path: Path, name: str) -> ComparedRun | None:
     files = RunDir(path)
     if not files.metrics.exists():
         return None
-    rows = read_metrics(files.metrics)
+    rows = read_metrics(files.metrics, required=("step", "sharpness"))
     if not rows:
         return None
     settings = files.read_config()
@@ -94,6 +94,9 @@ def load_runs(dirs: Sequence[str | Path]) -> tuple[list[ComparedRun], list[str],
         if r is None:
             raise RunDirError(f"{p} has no metrics.csv with measurements; is it a samedge run directory?")
         runs.append(r)
+    tasks = sorted({r.settings.task for r in runs})
+    if len(tasks) > 1:  # one axis of sharpness or of rho cannot hold an MLP on MNIST and a CNN on CIFAR-10
+        raise ConfigError(f"the runs are of different tasks ({', '.join(tasks)}); compare each task's runs apart")
     return runs, varied_settings([r.config for r in runs]), None
 
 

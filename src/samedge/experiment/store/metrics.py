@@ -160,21 +160,35 @@ def _parse(value: str) -> float | None:
     return float(value)
 
 
-def read_metrics(path: str | Path) -> list[dict[str, float | None]]:
-    """Rows of ``metrics.csv`` as dicts of floats (empty cells are None).  A last line cut off
-    mid-write (no newline, or too few fields) is dropped."""
-    text = Path(path).read_text(encoding="utf-8")
+def read_metrics(path: str | Path, required: Sequence[str] = ("step",)) -> list[dict[str, float | None]]:
+    """Rows of ``metrics.csv`` (or ``steps.csv``) as dicts of floats (empty cells are None).  A last
+    line cut off mid-write (no newline, or too few fields) is dropped.  Any other damage (not
+    UTF-8 text, a cell that is not a number, a row of the wrong length, a ``required`` column
+    missing) is one :class:`RunDirError` naming the file and the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is damaged (not UTF-8 text)") from None
     lines = text.split("\n")
     if not lines or not lines[0]:
         raise RunDirError(f"{path}: empty metrics file")
     complete = lines[:-1]  # the piece after the last newline is partial (or empty)
-    reader = csv.reader(complete)
-    header = next(reader)
-    rows: list[dict[str, float | None]] = []
-    for fields in reader:
-        if len(fields) != len(header):
-            raise RunDirError(f"{path}: row {len(rows) + 2} has {len(fields)} fields, header has {len(header)}")
-        rows.append({name: _parse(v) for name, v in zip(header, fields)})
+    try:
+        reader = csv.reader(complete)
+        header = next(reader, None) or []
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise RunDirError(f"{path} is damaged or not samedge's: no {', '.join(missing)} column")
+        rows: list[dict[str, float | None]] = []
+        for fields in reader:
+            if len(fields) != len(header):
+                raise RunDirError(f"{path}: row {len(rows) + 2} has {len(fields)} fields, header has {len(header)}")
+            try:
+                rows.append({name: _parse(v) for name, v in zip(header, fields)})
+            except ValueError:
+                raise RunDirError(f"{path}: row {len(rows) + 2} holds a value that is not a number") from None
+    except csv.Error as err:
+        raise RunDirError(f"{path} is damaged ({err})") from None
     return rows
 
 
