@@ -28,6 +28,9 @@ _CORE_NAMES = (
     "sam_edge",
     "usam_edge",
     "edge_for",
+    "UpdateRule",
+    "UPDATE_RULES",
+    "HeavyBallSGD",
     "Objective",
     "ShardedObjective",
     "SummedLoss",
@@ -54,7 +57,9 @@ __all__ = ["__version__", "BadInput", *_CORE_NAMES]
 if TYPE_CHECKING:  # the names as static type checkers see them
     from samedge.core import (
         SAM,
+        UPDATE_RULES,
         EigenResult,
+        HeavyBallSGD,
         HessianEigensolver,
         Measurement,
         Method,
@@ -64,6 +69,7 @@ if TYPE_CHECKING:  # the names as static type checkers see them
         SpectralDensity,
         SummedLoss,
         TraceEstimate,
+        UpdateRule,
         edge_for,
         gd_edge,
         heavy_ball_update,
