@@ -134,7 +134,8 @@ class Method:
     def rule(self) -> UpdateRule:
         """The update rule that turns the method's direction into a step, with this method's
         ``eta`` and ``momentum``: heavy-ball SGD (``UPDATE_RULES["sgd"]``)."""
-        return UPDATE_RULES[_RULE](eta=self.eta, momentum=self.momentum)
+        make: Callable[..., UpdateRule] = UPDATE_RULES[_RULE]  # a rule takes its hyperparameters as keywords
+        return make(eta=self.eta, momentum=self.momentum)
 
     # thresholds -----------------------------------------------------------------------------
     @property
