@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import rows_without_time
+from helpers import as_earlier_samedge, rows_without_time
 
 from samedge.errors import CheckpointError, ConfigError, RunDirError
 from samedge.experiment.cli import main
@@ -172,7 +172,7 @@ def test_legacy_checkpoint_with_rows_missing_is_refused(tmp_path, capsys):
     """A checkpoint of an earlier samedge carries no rows: missing ones are named, nothing changes."""
     out = tmp_path / "run"
     interrupted(out, 22)
-    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    payload = as_earlier_samedge(torch.load(out / "checkpoint.pt", weights_only=True))
     del payload["digest"], payload["metrics"]
     payload["format"] = 1
     torch.save(payload, out / "checkpoint.pt")

@@ -9,7 +9,7 @@ import time
 from dataclasses import fields
 
 import pytest
-from helpers import rows_without_time
+from helpers import as_earlier_samedge, rows_without_time
 
 from samedge.experiment.cli import build_parser, main
 from samedge.experiment.config import RunConfig, build_config
@@ -167,7 +167,7 @@ def test_resume_of_a_run_written_before_newer_settings(tmp_path):
     for key in ("vocab", "eval_batch_size"):
         del saved["config"][key]
     (out / "config.json").write_text(json.dumps(saved))
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint = as_earlier_samedge(torch.load(out / "checkpoint.pt", weights_only=True))
     for key in ("vocab", "eval_batch_size"):
         del checkpoint["config"][key]
     for key in ("eval_solver", "digest", "metrics"):  # format 1 had no digest and no metrics rows
@@ -176,3 +176,48 @@ def test_resume_of_a_run_written_before_newer_settings(tmp_path):
     torch.save(checkpoint, out / "checkpoint.pt")
     assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
     assert rows_without_time(out / "metrics.csv") == rows_without_time(ref / "metrics.csv")
+
+
+MOMENTUM = ["run", "mnist", "--steps", "8", "--measure-every", "2", "--optimizer", "gd", "--eta", "0.05"]
+MOMENTUM += ["--momentum", "0.9", *SMALL]
+
+
+def test_resume_of_a_momentum_run_from_a_velocity_checkpoint(tmp_path):
+    """A heavy-ball run whose checkpoint an earlier samedge wrote (format 2: a ``velocity``, no
+    update rule) resumes with that velocity as the sgd rule's state and repeats the rows of a run
+    that never stopped (a lost velocity would change every row after the checkpoint)."""
+    import torch
+
+    from samedge.experiment.store.checkpoint import content_digest
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert main([*MOMENTUM, "--out", str(ref)]) == 0
+    run_interrupted(MOMENTUM, out, 5)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["format"] == 3 and checkpoint["rule"] == "sgd"
+    assert len(checkpoint["rule_state"]["velocity"]) == len(checkpoint["params"])
+    checkpoint = as_earlier_samedge(checkpoint)
+    del checkpoint["digest"]
+    checkpoint["format"] = 2
+    checkpoint["digest"] = content_digest(checkpoint)
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
+    assert rows_without_time(out / "metrics.csv") == rows_without_time(ref / "metrics.csv")
+    assert (out / "steps.csv").read_text() == (ref / "steps.csv").read_text()
+
+
+def test_a_checkpoint_of_another_update_rule_is_refused(tmp_path, capsys):
+    import torch
+
+    from samedge.experiment.store.checkpoint import content_digest
+
+    out = tmp_path / "run"
+    run_interrupted(MOMENTUM, out, 3)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    del checkpoint["digest"]
+    checkpoint["rule"] = "adam"
+    checkpoint["digest"] = content_digest(checkpoint)
+    torch.save(checkpoint, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 2
+    assert "holds the state of update rule 'adam', the run's is 'sgd'" in capsys.readouterr().err

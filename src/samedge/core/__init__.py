@@ -2,6 +2,8 @@
 
 * :mod:`~samedge.core.thresholds` -- the GD, heavy-ball, SAM and USAM edges (closed forms);
 * :mod:`~samedge.core.method` -- :class:`Method`, what an optimizer kind means (edge, step);
+* :mod:`~samedge.core.update_rules` -- :class:`UpdateRule`, an optimizer's step that owns its
+  state, and the :data:`UPDATE_RULES` registry (heavy-ball SGD, ``"sgd"``);
 * :mod:`~samedge.core.optim` -- SAM/USAM/heavy-ball steps on parameter tuples and the ``SAM``
   torch optimizer;
 * :mod:`~samedge.core.objective` -- the chunked full-batch loss, gradient and exact HVP;
@@ -37,6 +39,7 @@ from samedge.core.spectrum import (
 )
 from samedge.core.thresholds import gd_edge, momentum_edge, sam_edge, usam_edge
 from samedge.core.tracker import SharpnessTracker
+from samedge.core.update_rules import UPDATE_RULES, HeavyBallSGD, UpdateRule
 
 __all__ = [
     "Method",
@@ -46,6 +49,9 @@ __all__ = [
     "sam_edge",
     "usam_edge",
     "edge_for",
+    "UpdateRule",
+    "UPDATE_RULES",
+    "HeavyBallSGD",
     "Objective",
     "SummedLoss",
     "ShardedObjective",

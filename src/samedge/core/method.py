@@ -6,7 +6,9 @@ answers every question the rest of samedge asks of an optimizer:
 * its stability threshold for a gradient norm (:meth:`Method.edge`) and the GD (heavy-ball) edge;
 * its perturbation ``e`` (``rho g / ||g||`` for SAM, ``rho g`` for USAM, none for GD), the ascent
   point ``w + e`` and the gradient it steps along (:meth:`Method.direction`);
-* its update ``v <- beta v + d; w <- w - eta v`` (:meth:`Method.update`).
+* its update rule (:attr:`Method.rule`, heavy-ball SGD ``v <- beta v + d; w <- w - eta v``,
+  the registry's ``"sgd"``), which owns the optimizer's state; :meth:`Method.update` is its step
+  with the velocity passed by hand.
 
 Nothing outside this module branches on the kind's name.
 """
@@ -21,9 +23,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from samedge.core.optim import SAM, heavy_ball_update, sam_gradient, sam_point
+from samedge.core.optim import SAM, sam_gradient, sam_point
 from samedge.core.params import Params, norm
-from samedge.core.thresholds import momentum_edge, sam_edge, usam_edge
+from samedge.core.thresholds import sam_edge, usam_edge
+from samedge.core.update_rules import UPDATE_RULES, UpdateRule
 
 __all__ = ["Method", "METHOD_KINDS", "edge_for"]
 
@@ -40,6 +43,7 @@ _KINDS: dict[str, _Kind] = {
     "usam": _Kind(normalized=False, perturbs=True, edge_name="USAM edge"),
 }
 METHOD_KINDS: tuple[str, ...] = tuple(_KINDS)
+_RULE = "sgd"  # the update rule of every method (heavy-ball SGD), by its name in UPDATE_RULES
 
 
 def _number(name: str, value: object) -> float:
@@ -126,11 +130,18 @@ class Method:
         """What the method's threshold is called: "SAM-edge", "USAM edge" or "GD edge"."""
         return _KINDS[self.kind].edge_name
 
+    @property
+    def rule(self) -> UpdateRule:
+        """The update rule that turns the method's direction into a step, with this method's
+        ``eta`` and ``momentum``: heavy-ball SGD (``UPDATE_RULES["sgd"]``)."""
+        make: Callable[..., UpdateRule] = UPDATE_RULES[_RULE]  # a rule takes its hyperparameters as keywords
+        return make(eta=self.eta, momentum=self.momentum)
+
     # thresholds -----------------------------------------------------------------------------
     @property
     def gd_edge(self) -> float:
-        """The GD (heavy-ball) edge ``(2 + 2 beta) / eta``."""
-        return momentum_edge(self.eta, self.momentum)
+        """The GD (heavy-ball) edge ``(2 + 2 beta) / eta``: the threshold of :attr:`rule`."""
+        return self.rule.threshold()
 
     def edge(self, grad_norm: float) -> float:
         """The stability threshold of this method at gradient norm ``grad_norm`` (used by SAM only)."""
@@ -170,8 +181,12 @@ class Method:
         self, params: Sequence[Tensor], direction: Sequence[Tensor], velocity: Sequence[Tensor] | None = None
     ) -> tuple[Params, Params | None]:
         """Heavy-ball step ``v <- beta v + d; w <- w - eta v``; returns ``(w, v)`` (``v`` is None
-        without momentum)."""
-        return heavy_ball_update(params, direction, self.eta, velocity, self.momentum)
+        without momentum).  The step of :attr:`rule` with its state passed as a velocity
+        (``None``: the initial state); a loop that keeps the rule's state calls ``rule.step``."""
+        rule = self.rule
+        state = rule.init(params) if velocity is None else {"velocity": tuple(velocity)}
+        new, state = rule.step(params, direction, state)
+        return new, state.get("velocity")
 
 
 def edge_for(optimizer: str, eta: float, rho: float, grad_norm: float, momentum: float = 0.0) -> float:

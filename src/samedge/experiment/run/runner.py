@@ -7,7 +7,8 @@ The loop at step ``t`` (t = 0 .. steps):
    row of ``steps.csv`` with the per-step secant sharpness from these gradients (no extra work);
 3. every ``measure_every`` steps and at the last step: a measurement at ``w_t`` (eigen-solve,
    warm-started; the gradients of 1-2 are reused), written to ``metrics.csv`` at once;
-4. the update ``w_{t+1}`` (heavy-ball if ``momentum > 0``), except after the last step;
+4. the update ``w_{t+1}`` by the method's update rule (heavy-ball SGD; the loop holds the rule's
+   state with ``w_t``), except after the last step;
 5. every ``checkpoint_every`` steps, at the end, and on Ctrl-C: a checkpoint
    (:mod:`~samedge.experiment.store.checkpoint`) from which ``--resume`` continues with identical metrics rows.
 
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import samedge.experiment.world as world
 from samedge.core.curvature import HessianEigensolver
@@ -35,6 +36,7 @@ from samedge.core.method import Method
 from samedge.core.objective import Evaluation, Objective
 from samedge.core.params import Params, norm
 from samedge.core.secant import StepSecants
+from samedge.core.update_rules import RuleState
 from samedge.errors import CheckpointError
 from samedge.experiment.config import RunConfig
 from samedge.experiment.run.readings import RunSpectrum
@@ -68,42 +70,48 @@ class RunResult:
         return bool(self.summary.get("diverged"))
 
 
-class _Solvers:
-    """The warm-started eigen-solvers of a run: at ``w`` (seed), at SAM's point (seed + 1, with
-    ``measure_perturbed``) and on the fixed evaluation batch (seed + 2, with ``eval_batch_size``)."""
+class _RunState:
+    """What a run carries from one step to the next besides ``w_t``, and its packing into a
+    checkpoint's :class:`TrainState`: the update rule (whose state the loop holds), the
+    warm-started eigen-solvers at ``w`` (seed), at SAM's point (seed + 1, with
+    ``measure_perturbed``) and on the fixed evaluation batch (seed + 2, with ``eval_batch_size``),
+    the trace/density probes and the per-step secant pairs (with ``secant_pairs``)."""
 
-    def __init__(self, cfg: RunConfig, task: Task):
+    def __init__(self, cfg: RunConfig, task: Task, method: Method):
         def solver(k: int, seed: int) -> HessianEigensolver:
             return HessianEigensolver(k=k, method=cfg.eig_method, tol=cfg.eig_tol, max_iter=cfg.eig_max_iter, seed=seed)
 
+        self.rule = method.rule
         self.main = solver(cfg.eig_k, cfg.seed)
         self.perturbed = solver(1, cfg.seed + 1) if cfg.measure_perturbed else None
         self.eval = solver(1, cfg.seed + 2) if task.eval_batch is not None else None
         self.spectrum = RunSpectrum(cfg)  # trace/density probes (seeds + 3, + 4)
+        self.secants = StepSecants(method, cfg.secant_pairs) if cfg.secant_pairs != 0 else None
 
-    def state(
-        self,
-        step: int,
-        params: Params,
-        velocity: Params | None,
-        elapsed: float,
-        finished: bool = False,
-        secants: StepSecants | None = None,
+    def train_state(
+        self, step: int, params: Params, rule_state: RuleState, elapsed: float, finished: bool = False
     ) -> TrainState:
+        """The checkpoint's state at the boundary before ``step`` (references, not copies)."""
         return TrainState(
-            step,
-            params,
-            velocity,
-            self.main.state_dict(),
-            self.perturbed.state_dict() if self.perturbed else None,
-            elapsed,
-            finished,
-            self.eval.state_dict() if self.eval else None,
-            secant=secants.state_dict() if secants is not None else None,
+            step=step,
+            params=params,
+            rule_state=self.rule.state_dict(rule_state),
+            rule=self.rule.name,
+            solver=self.main.state_dict(),
+            perturbed_solver=self.perturbed.state_dict() if self.perturbed else None,
+            elapsed=elapsed,
+            finished=finished,
+            eval_solver=self.eval.state_dict() if self.eval else None,
+            secant=self.secants.state_dict() if self.secants is not None else None,
             spectrum=self.spectrum.state_dict() if self.spectrum.enabled else None,
         )
 
-    def restore(self, state: TrainState, run_dir: Path) -> None:
+    def restore(self, state: TrainState, run_dir: Path) -> RuleState:
+        """Load the solvers, probes and secant pairs from ``state``; the update rule's state there."""
+        if state.rule != self.rule.name:
+            raise CheckpointError(
+                f"{run_dir}: the checkpoint holds the state of update rule {state.rule!r}, the run's is {self.rule.name!r}"
+            )
         self.main.load_state_dict(state.solver)
         if self.perturbed is not None:
             if state.perturbed_solver is None:
@@ -114,6 +122,12 @@ class _Solvers:
                 raise CheckpointError(f"{run_dir}: the checkpoint has no evaluation-batch solver state")
             self.eval.load_state_dict(state.eval_solver)
         self.spectrum.load_state_dict(state.spectrum, run_dir)
+        if self.secants is not None and state.secant is not None:  # a checkpoint from before steps.csv starts empty
+            self.secants.load_state_dict(state.secant)
+        try:
+            return self.rule.load_state_dict(state.rule_state, state.params)
+        except ValueError as err:
+            raise CheckpointError(f"{run_dir}: {err}") from None
 
 
 def run(
@@ -178,165 +192,241 @@ def _run(
     resume: bool,
     on_step: Callable[[int], None] | None,
 ) -> RunResult:
-    method = cfg.method()
-    solvers = _Solvers(cfg, task)
-    secants = StepSecants(method, cfg.secant_pairs) if cfg.secant_pairs != 0 else None
-    files = RunDir(run_dir)
-    metrics_path, steps_path = files.metrics, files.steps
-    writer = world.is_writer()  # rank 0 (or the only process) writes files
-    dist_info = world.provenance()
-    if resume and writer:
-        state = load_checkpoint(
-            run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
+    training = _Training(cfg, run_dir, task, resume=resume)
+    training.loop(progress=progress, on_step=on_step)
+    return training.finish()
+
+
+class _Point(NamedTuple):
+    """Step ``t``'s objective, its loss and gradient at ``w_t`` and the method's direction."""
+
+    objective: Objective
+    ev: Evaluation
+    direction: Params
+
+
+class _Training:
+    """One run from the state it opens with (a checkpoint's, or step 0's) to its summary.
+
+    The loop holds ``params`` and ``rule_state`` (``w_t`` and the update rule's state); each
+    step is :meth:`_direction` (loss, gradient, direction), :meth:`_measure` (a row of
+    ``metrics.csv``), :meth:`_update` (the rule's step) and :meth:`_checkpoint`."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, task: Task, *, resume: bool):
+        self.cfg, self.run_dir, self.task, self.resume = cfg, run_dir, task, resume
+        self.method = cfg.method()
+        self.run_state = _RunState(cfg, task, self.method)
+        self.rule = self.run_state.rule
+        self.files = RunDir(run_dir)
+        self.writer = world.is_writer()  # rank 0 (or the only process) writes files
+        self.dist_info = world.provenance()
+        self.opened = self._open()
+        self.rule_state = self.run_state.restore(self.opened, run_dir)
+        self.columns = base_columns(
+            cfg.eig_k,
+            cfg.measure_perturbed,
+            task.test_every_measurement,
+            task.eval_batch is not None,
+            cfg.trace_every > 0,
         )
+        self.density_writer = (
+            DensityWriter(run_dir, self.opened.step if resume else None) if cfg.density_every and self.writer else None
+        )
+        self.params = self.opened.params
+        self.status: dict[str, Any] = {"diverged": False, "diverged_step": None, "interrupted": False}
+        if resume:
+            self.status["resumed_from_step"] = self.opened.step
+        self.start = time.perf_counter() - self.opened.elapsed
+        self.saved_config = cfg.to_dict()
+        # cost accounting (this process, since the start or the resume): what training and measuring spent
+        self.cost: dict[str, Any] = {
+            "train_gradients": 0,
+            "train_seconds": 0.0,
+            "measure_gradients": 0,
+            "measure_hvps": 0,
+            "measure_seconds": 0.0,
+        }
+
+    # opening -------------------------------------------------------------------------------
+    def _open(self) -> TrainState:
+        """The state the run starts from: its checkpoint's (with ``resume``; the rows after it
+        are dropped from ``metrics.csv`` and ``steps.csv``), or step 0's."""
+        cfg, task = self.cfg, self.task
+        if not self.resume:
+            params = task.train.parameters()
+            return self.run_state.train_state(0, params, self.rule.init(params), 0.0)
+        state = load_checkpoint(
+            self.run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
+        )
+        if not self.writer:
+            return state
         if state.note:
             _note(state.note)
         expected = expected_steps(state.step, cfg.steps, cfg.measure_every)
-        restored = restore_metrics(metrics_path, state.step, state.metrics, expected)
+        restored = restore_metrics(self.files.metrics, state.step, state.metrics, expected)
         if restored:
             _note(restored)
-        if secants is not None:  # steps.csv: a row for every step before the checkpoint's
-            restored = restore_metrics(steps_path, state.step, state.steps, list(range(state.step)))
+        if self.run_state.secants is not None:  # steps.csv: a row for every step before the checkpoint's
+            restored = restore_metrics(self.files.steps, state.step, state.steps, list(range(state.step)))
             if restored:
                 _note(restored)
-    elif resume:
-        state = load_checkpoint(
-            run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
+        return state
+
+    def _boundary(self, step: int, finished: bool = False) -> TrainState:
+        """The checkpoint's state at the boundary before ``step``, from the loop's."""
+        return self.run_state.train_state(
+            step, self.params, self.rule_state, time.perf_counter() - self.start, finished
         )
-    else:
-        state = solvers.state(0, task.train.parameters(), None, 0.0)
-    solvers.restore(state, run_dir)
-    if secants is not None and state.secant is not None:  # a checkpoint from before steps.csv starts empty
-        secants.load_state_dict(state.secant)
-    columns = base_columns(
-        cfg.eig_k, cfg.measure_perturbed, task.test_every_measurement, task.eval_batch is not None, cfg.trace_every > 0
-    )
-    density_writer = DensityWriter(run_dir, state.step if resume else None) if cfg.density_every and writer else None
-    params, velocity = state.params, state.velocity
-    status: dict[str, Any] = {"diverged": False, "diverged_step": None, "interrupted": False}
-    if resume:
-        status["resumed_from_step"] = state.step
-    start = time.perf_counter() - state.elapsed
-    saved_config = cfg.to_dict()
-    # cost accounting (this process, since the start or the resume): what training and measuring spent
-    cost: dict[str, Any] = {
-        "train_gradients": 0,
-        "train_seconds": 0.0,
-        "measure_gradients": 0,
-        "measure_hvps": 0,
-        "measure_seconds": 0.0,
-    }
 
-    def boundary(step: int, finished: bool = False) -> TrainState:
-        return solvers.state(step, params, velocity, time.perf_counter() - start, finished, secants)
-
-    bar = _progress_bar(cfg.steps, progress and writer and not state.finished, initial=min(state.step, cfg.steps))
-    at_start = last_good = boundary(state.step, state.finished)
-    steps_writer = MetricsWriter(steps_path, STEP_COLUMNS, fsync_each_row=False) if secants and writer else None
-    with MetricsWriter(metrics_path, columns) if writer else _NoWriter() as rows:
-
-        def checkpoint(at: TrainState) -> None:
-            if not writer:
-                return
-            steps = None
-            if steps_writer is not None:
-                steps_writer.sync()  # the rows a checkpoint vouches for are on disk before it
-                steps = steps_writer.rows_before(at.step)
-            save_checkpoint(run_dir, saved_config, at, metrics=rows.rows_before(at.step), steps=steps)
-
-        try:
-            for step in range(state.step, cfg.steps + 1) if not state.finished else ():
-                at_start = boundary(step)
-                tick = time.perf_counter()
-                # 1. loss and gradient at w_t on the step's objective
-                objective = task.objective_at(step)
-                ev = objective.loss_and_grad(params)
-                cost["train_gradients"] += 1
-                assert ev.grad is not None
-                g_norm = norm(ev.grad)
-                if not (math.isfinite(ev.loss) and math.isfinite(g_norm)):
-                    status.update(diverged=True, diverged_step=step, reason="non-finite loss or gradient")
-                    break
-                last_good = at_start
-                # 2. the direction: g, or the SAM/USAM gradient at w_t + e
-                direction = method.direction(_counted(objective.grad, cost, "train_gradients"), params, ev.grad)
-                cost["train_seconds"] += time.perf_counter() - tick
-                if secants is not None:  # every rank observes (the pairs are replicated state)
-                    step_row = _step_row(step, ev.loss, g_norm, method, secants, params, ev.grad, direction)
-                    if steps_writer is not None:
-                        steps_writer.write(step_row)
-                # 3. a measurement, written at once
-                if step % cfg.measure_every == 0 or step == cfg.steps:
-                    tick = time.perf_counter()
-                    row, m = _measurement_row(cfg, task, method, solvers, objective, params, ev, direction)
-                    row["step"] = step
-                    if cfg.trace_every:
-                        row.update(solvers.spectrum.trace_columns(objective, params, step))
-                    density = solvers.spectrum.density(objective, params, step)
-                    if density is not None and density_writer is not None:
-                        density_writer.write(step, density)
-                    cost["measure_seconds"] += time.perf_counter() - tick
-                    cost["measure_hvps"] += sum(int(row.get(c) or 0) for c in ("hvps", "eval_hvps", "trace_hvps"))
-                    cost["measure_gradients"] += 1 if "eval_hvps" in row else 0  # the evaluation batch's gradient
-                    row["elapsed_s"] = round(time.perf_counter() - start, 3)
-                    rows.write(row)
-                    bar.set_postfix(loss=f"{ev.loss:.4g}", sharp=f"{m.sharpness:.4g}", edge=f"{m.edge:.4g}")
-                    if not math.isfinite(m.sharpness):
-                        status.update(diverged=True, diverged_step=step, reason="non-finite sharpness")
+    # the loop -----------------------------------------------------------------------------
+    def loop(self, *, progress: bool, on_step: Callable[[int], None] | None) -> None:
+        """Steps from the opened state to ``cfg.steps``, checkpointed on Ctrl-C and at divergence."""
+        cfg, opened = self.cfg, self.opened
+        self.bar = _progress_bar(
+            cfg.steps, progress and self.writer and not opened.finished, initial=min(opened.step, cfg.steps)
+        )
+        self.at_start = self.last_good = self._boundary(opened.step, opened.finished)
+        self.steps_writer = (
+            MetricsWriter(self.files.steps, STEP_COLUMNS, fsync_each_row=False)
+            if self.run_state.secants is not None and self.writer
+            else None
+        )
+        with MetricsWriter(self.files.metrics, self.columns) if self.writer else _NoWriter() as rows:
+            self.rows = rows
+            try:
+                for step in range(opened.step, cfg.steps + 1) if not opened.finished else ():
+                    if not self._step(step, on_step):
                         break
-                if step == cfg.steps:
-                    checkpoint(boundary(step + 1, finished=True))
-                    break
-                if on_step is not None:
-                    on_step(step)
-                # 4. the update w_{t+1}
-                tick = time.perf_counter()
-                params, velocity = method.update(params, direction, velocity)
-                cost["train_seconds"] += time.perf_counter() - tick
-                bar.update(1)
-                # 5. a checkpoint every checkpoint_every steps
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                    checkpoint(boundary(step + 1))
-        except KeyboardInterrupt:
-            checkpoint(at_start)
-            params = at_start.params
-            status.update(interrupted=True, interrupted_step=at_start.step)
-        finally:
-            bar.close()
+            except KeyboardInterrupt:
+                self._checkpoint(self.at_start)
+                self.params = self.at_start.params
+                self.status.update(interrupted=True, interrupted_step=self.at_start.step)
+            finally:
+                self.bar.close()
+            if self.status["diverged"]:
+                self._checkpoint(self.last_good)
+            if self.steps_writer is not None:
+                self.steps_writer.sync()
+                self.steps_writer.close()
+            if self.density_writer is not None:
+                self.density_writer.close()
+
+    def _step(self, step: int, on_step: Callable[[int], None] | None) -> bool:
+        """Step ``t``: direction, measurement, update and checkpoint as the schedule says; False
+        where the run stops (it diverged, or ``t`` was its last step)."""
+        cfg = self.cfg
+        self.at_start = self._boundary(step)
+        point = self._direction(step)
+        if point is None:
+            return False
+        if (step % cfg.measure_every == 0 or step == cfg.steps) and not self._measure(step, point):
+            return False
+        if step == cfg.steps:
+            self._checkpoint(self._boundary(step + 1, finished=True))
+            return False
+        if on_step is not None:
+            on_step(step)
+        self._update(point.direction)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            self._checkpoint(self._boundary(step + 1))
+        return True
+
+    def _direction(self, step: int) -> _Point | None:
+        """1-2: the loss and gradient at ``w_t`` on the step's objective and the method's direction
+        (a row of ``steps.csv`` with ``secant_pairs``); None where they are not finite."""
+        tick = time.perf_counter()
+        objective = self.task.objective_at(step)
+        ev = objective.loss_and_grad(self.params)
+        self.cost["train_gradients"] += 1
+        assert ev.grad is not None
+        g_norm = norm(ev.grad)
+        if not (math.isfinite(ev.loss) and math.isfinite(g_norm)):
+            self.status.update(diverged=True, diverged_step=step, reason="non-finite loss or gradient")
+            return None
+        self.last_good = self.at_start
+        direction = self.method.direction(_counted(objective.grad, self.cost, "train_gradients"), self.params, ev.grad)
+        self.cost["train_seconds"] += time.perf_counter() - tick
+        secants = self.run_state.secants
+        if secants is not None:  # every rank observes (the pairs are replicated state)
+            step_row = _step_row(step, ev.loss, g_norm, self.method, secants, self.params, ev.grad, direction)
+            if self.steps_writer is not None:
+                self.steps_writer.write(step_row)
+        return _Point(objective, ev, direction)
+
+    def _measure(self, step: int, point: _Point) -> bool:
+        """3: a measurement at ``w_t``, written to ``metrics.csv`` at once; False where its
+        sharpness is not finite."""
+        cfg, objective = self.cfg, point.objective
+        tick = time.perf_counter()
+        row, m = _measurement_row(
+            cfg, self.task, self.method, self.run_state, objective, self.params, point.ev, point.direction
+        )
+        row["step"] = step
+        if cfg.trace_every:
+            row.update(self.run_state.spectrum.trace_columns(objective, self.params, step))
+        density = self.run_state.spectrum.density(objective, self.params, step)
+        if density is not None and self.density_writer is not None:
+            self.density_writer.write(step, density)
+        self.cost["measure_seconds"] += time.perf_counter() - tick
+        self.cost["measure_hvps"] += sum(int(row.get(c) or 0) for c in ("hvps", "eval_hvps", "trace_hvps"))
+        self.cost["measure_gradients"] += 1 if "eval_hvps" in row else 0  # the evaluation batch's gradient
+        row["elapsed_s"] = round(time.perf_counter() - self.start, 3)
+        self.rows.write(row)
+        self.bar.set_postfix(loss=f"{point.ev.loss:.4g}", sharp=f"{m.sharpness:.4g}", edge=f"{m.edge:.4g}")
+        if not math.isfinite(m.sharpness):
+            self.status.update(diverged=True, diverged_step=step, reason="non-finite sharpness")
+            return False
+        return True
+
+    def _update(self, direction: Params) -> None:
+        """4: ``w_{t+1}`` and the rule's new state by the update rule's step."""
+        tick = time.perf_counter()
+        self.params, self.rule_state = self.rule.step(self.params, direction, self.rule_state)
+        self.cost["train_seconds"] += time.perf_counter() - tick
+        self.bar.update(1)
+
+    def _checkpoint(self, at: TrainState) -> None:
+        """5: ``at`` saved with the rows of ``metrics.csv`` and ``steps.csv`` before its step."""
+        if not self.writer:
+            return
+        steps = None
+        if self.steps_writer is not None:
+            self.steps_writer.sync()  # the rows a checkpoint vouches for are on disk before it
+            steps = self.steps_writer.rows_before(at.step)
+        save_checkpoint(self.run_dir, self.saved_config, at, metrics=self.rows.rows_before(at.step), steps=steps)
+
+    # finishing ----------------------------------------------------------------------------
+    def finish(self) -> RunResult:
+        """``summary.json``: the metrics' summary, how the run ended, the test loss at its last
+        weights (unless it diverged) and what training and measuring cost."""
+        status, cost = self.status, self.cost
+        elapsed = time.perf_counter() - self.start
+        summary = summarize(read_metrics(self.files.metrics)) if self.writer else {}
+        summary.update(status)
+        summary.update(self.dist_info)
         if status["diverged"]:
-            checkpoint(last_good)
-        if steps_writer is not None:
-            steps_writer.sync()
-            steps_writer.close()
-        if density_writer is not None:
-            density_writer.close()
-    elapsed = time.perf_counter() - start
-    summary = summarize(read_metrics(metrics_path)) if writer else {}
-    summary.update(status)
-    summary.update(dist_info)
-    if status["diverged"]:
-        summary["last_good_step"] = last_good.step
-    else:
-        test = task.test.evaluate(params)
-        summary.update(test_loss=test.loss, test_accuracy=test.accuracy, test_error=1.0 - test.accuracy)
-    summary["elapsed_s"] = elapsed
-    since = time.perf_counter() - start - state.elapsed  # this process's wall time
-    cost.update(
-        train_share=cost["train_seconds"] / since if since > 0 else None,
-        measure_share=cost["measure_seconds"] / since if since > 0 else None,
-        wall_seconds=since,
-    )
-    summary["cost"] = cost
-    if writer and not write_summary(files.summary, summary):
-        _note(f"kept {files.summary}: it was computed from more rows than {files.METRICS} now holds")
-    return RunResult(run_dir, summary)
+            summary["last_good_step"] = self.last_good.step
+        else:
+            test = self.task.test.evaluate(self.params)
+            summary.update(test_loss=test.loss, test_accuracy=test.accuracy, test_error=1.0 - test.accuracy)
+        summary["elapsed_s"] = elapsed
+        since = time.perf_counter() - self.start - self.opened.elapsed  # this process's wall time
+        cost.update(
+            train_share=cost["train_seconds"] / since if since > 0 else None,
+            measure_share=cost["measure_seconds"] / since if since > 0 else None,
+            wall_seconds=since,
+        )
+        summary["cost"] = cost
+        if self.writer and not write_summary(self.files.summary, summary):
+            _note(f"kept {self.files.summary}: it was computed from more rows than {self.files.METRICS} now holds")
+        return RunResult(self.run_dir, summary)
 
 
 def _measurement_row(
     cfg: RunConfig,
     task: Task,
     method: Method,
-    solvers: _Solvers,
+    solvers: _RunState,
     objective: Objective,
     params: Params,
     ev: Evaluation,

@@ -1,10 +1,15 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped.
 
-A checkpoint is taken at a step boundary: ``step`` is the next step to run, ``params`` and
-``velocity`` are ``w_step`` and the heavy-ball buffer, the eigen-solvers' warm-start vectors and
-generator states are as they were when that step would start, and ``metrics`` is the text of
+A checkpoint is taken at a step boundary: ``step`` is the next step to run, ``params`` is
+``w_step``, ``rule`` and ``rule_state`` are the update rule's name and its state (its
+``state_dict``: heavy-ball SGD's velocity), the eigen-solvers' warm-start vectors and generator
+states are as they were when that step would start, and ``metrics`` is the text of
 ``metrics.csv`` before that step (so a resume can check and restore the file).  The data order
 needs no state: minibatches are a pure function of (seed, step).
+
+Checkpoints of an earlier samedge (formats 1 and 2) hold a heavy-ball ``velocity`` instead of a
+rule's state; they are read as the state of heavy-ball SGD (``"sgd"``, the only rule they knew):
+``{"velocity": velocity}``, or the rule's initial state where the velocity is None.
 
 Verified and kept: each checkpoint records a SHA-256 digest of its whole content (every tensor's
 bytes, every value), checked on load, so flipped bits are caught whatever ``torch.load`` makes of
@@ -45,15 +50,20 @@ __all__ = [
 
 CHECKPOINT_NAME = RunDir.CHECKPOINT
 PREVIOUS_NAME = RunDir.PREVIOUS_CHECKPOINT
-_FORMAT = 2  # 2: with "digest" and "metrics"; 1 (earlier samedge): neither, still resumable
-_REQUIRED = ("config", "step", "finished", "params", "velocity", "solver", "perturbed_solver", "elapsed", "torch_rng")
+# 3: the update rule's "rule" and "rule_state"; 2: a heavy-ball "velocity", with "digest" and "metrics";
+# 1 (earlier samedge): a "velocity", no digest, no metrics.  All are resumable.
+_FORMAT = 3
+_FORMATS = (1, 2, 3)
+_REQUIRED = ("config", "step", "finished", "params", "solver", "perturbed_solver", "elapsed", "torch_rng")
+_REQUIRED_BY_FORMAT = {1: ("velocity",), 2: ("velocity",), 3: ("rule", "rule_state")}
+_LEGACY_RULE = "sgd"  # the update rule of formats 1 and 2 (heavy-ball SGD)
 
 
 @dataclass
 class TrainState:
     step: int
     params: Params
-    velocity: Params | None
+    rule_state: dict | None  # the update rule's state_dict (None: its initial state)
     solver: dict
     perturbed_solver: dict | None
     elapsed: float
@@ -64,6 +74,7 @@ class TrainState:
     spectrum: dict | None = None  # trace/density probe generators (runs with trace_every/density_every)
     steps: str | None = None  # steps.csv before ``step`` (None: none written, or an earlier samedge)
     note: str | None = None  # what loading had to do (a fallback to the previous checkpoint)
+    rule: str = _LEGACY_RULE  # the update rule's name in UPDATE_RULES (an earlier samedge: heavy-ball "sgd")
 
 
 def content_digest(obj: Any) -> str:
@@ -108,7 +119,8 @@ def save_checkpoint(
         "step": state.step,
         "finished": state.finished,
         "params": [p.detach().cpu() for p in state.params],
-        "velocity": None if state.velocity is None else [v.detach().cpu() for v in state.velocity],
+        "rule": state.rule,
+        "rule_state": _tensors_to(state.rule_state, device="cpu"),
         "solver": _to_cpu(state.solver),
         "perturbed_solver": _to_cpu(state.perturbed_solver),
         "eval_solver": _to_cpu(state.eval_solver),
@@ -166,18 +178,31 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise
     except Exception as err:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path} is corrupted or not a samedge checkpoint ({type(err).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") not in (1, _FORMAT):
+    if not isinstance(payload, dict) or payload.get("format") not in _FORMATS:
         raise CheckpointError(f"{path} is corrupted or not a samedge checkpoint (unknown format)")
-    missing = [k for k in _REQUIRED if k not in payload]
+    missing = [k for k in (*_REQUIRED, *_REQUIRED_BY_FORMAT[payload["format"]]) if k not in payload]
     if missing:
         raise CheckpointError(f"{path} is corrupted: it has no {missing[0]!r}")
-    if payload["format"] == _FORMAT:
+    if payload["format"] >= 2:
         digest = payload.pop("digest", None)
         if digest != content_digest(payload):
             raise CheckpointError(f"{path} is corrupted: its content does not match its SHA-256 digest")
     if not isinstance(payload["config"], dict) or not isinstance(payload["params"], (list, tuple)):
         raise CheckpointError(f"{path} is corrupted: 'config' or 'params' has the wrong type")
+    if payload["format"] >= 3 and (
+        not isinstance(payload["rule"], str) or not isinstance(payload["rule_state"], (dict, type(None)))
+    ):
+        raise CheckpointError(f"{path} is corrupted: 'rule' or 'rule_state' has the wrong type")
     return payload
+
+
+def _rule_and_state(payload: dict[str, Any]) -> tuple[str, dict | None]:
+    """The update rule's name and state_dict in a payload of any format: formats 1 and 2 hold
+    heavy-ball SGD's velocity (None before the first momentum step: the initial state)."""
+    if payload["format"] >= 3:
+        return payload["rule"], payload["rule_state"]
+    velocity = payload["velocity"]
+    return _LEGACY_RULE, None if velocity is None else {"velocity": list(velocity)}
 
 
 def _set_aside(path: Path) -> Path:
@@ -243,9 +268,6 @@ def _state(path: Path, payload: dict, config: dict[str, Any], like: Params, devi
         raise CheckpointError(f"{path}: parameter shapes do not match the model built from the configuration")
     dtype = like[0].dtype
 
-    def place(tensors):
-        return None if tensors is None else tuple(t.to(device=device, dtype=dtype) for t in tensors)
-
     def place_solver(state: dict | None) -> dict | None:
         if state is None or state.get("previous") is None:
             return state
@@ -255,11 +277,13 @@ def _state(path: Path, payload: dict, config: dict[str, Any], like: Params, devi
     if solver is None:
         raise CheckpointError(f"{path} has no eigen-solver state")
     metrics, steps = payload.get("metrics"), payload.get("steps")
+    rule, rule_state = _rule_and_state(payload)  # placed on the run's device by the rule that reads it
     torch.set_rng_state(payload["torch_rng"])
     return TrainState(
         step=int(payload["step"]),
-        params=place(params),
-        velocity=place(payload["velocity"]),
+        params=tuple(t.to(device=device, dtype=dtype) for t in params),
+        rule_state=rule_state,
+        rule=rule,
         solver=solver,
         perturbed_solver=place_solver(payload["perturbed_solver"]),
         elapsed=float(payload["elapsed"]),
