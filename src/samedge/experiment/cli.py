@@ -314,6 +314,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"{args.run_dir} is not a directory")
     out = remeasure(args.run_dir, k=args.eig_k, tol=args.eig_tol, method=args.eig_method, max_iter=args.eig_max_iter)
+    if out["note"]:
+        print(f"samedge: note: {out['note']}", file=sys.stderr)
     if args.json:
         print(json.dumps(out, indent=2))
         return EXIT_OK

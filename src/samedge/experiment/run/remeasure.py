@@ -20,6 +20,7 @@ from samedge.core.curvature import HessianEigensolver
 from samedge.errors import ConfigError
 from samedge.experiment.store.checkpoint import load_checkpoint
 from samedge.experiment.store.layout import RunDir
+from samedge.experiment.store.lock import check_unlocked
 from samedge.experiment.tasks import build_task
 
 __all__ = ["remeasure"]
@@ -34,7 +35,12 @@ def remeasure(
     max_iter: int = 300,
     seed: int | None = None,
 ) -> dict[str, Any]:
-    """Top-``k`` eigenpairs at ``run_dir``'s checkpointed weights, as a JSON-ready dictionary."""
+    """Top-``k`` eigenpairs at ``run_dir``'s checkpointed weights, as a JSON-ready dictionary.
+
+    A reader: it writes nothing into the run directory, refuses one that a run is writing, and
+    says which step it measured (``step``; ``note`` when ``checkpoint.pt`` was damaged and the
+    previous checkpoint was used)."""
+    check_unlocked(run_dir)
     cfg = RunDir(run_dir).read_config()
     try:
         solver = HessianEigensolver(
@@ -43,8 +49,13 @@ def remeasure(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     task = build_task(cfg)
+    n = task.n_parameters
+    if k >= n:
+        raise ConfigError(f"--eig-k {k} must be below the number of parameters ({n})")
+    if max_iter < k:
+        raise ConfigError(f"--eig-max-iter {max_iter} is below --eig-k {k}: a solve needs at least one product per eigenpair")
     like = task.train.parameters()
-    state = load_checkpoint(run_dir, cfg.to_dict(), like, device=like[0].device)
+    state = load_checkpoint(run_dir, cfg.to_dict(), like, device=like[0].device, read_only=True)
     # a finished run's checkpoint is the boundary after its last step, at that step's weights
     step = state.step - 1 if state.finished else state.step
     objective = task.objective_at(step)
@@ -75,4 +86,5 @@ def remeasure(
         "hvps": int(result.matvecs),
         "seconds": elapsed,
         "torch_threads": torch_threads,
+        "note": state.note,
     }

@@ -256,7 +256,11 @@ class _Training:
             params = task.train.parameters()
             return self.run_state.train_state(0, params, self.rule.init(params), 0.0)
         state = load_checkpoint(
-            self.run_dir, cfg.to_dict(), task.train.parameters(), device=task.train.parameters()[0].device
+            self.run_dir,
+            cfg.to_dict(),
+            task.train.parameters(),
+            device=task.train.parameters()[0].device,
+            read_only=not self.writer,  # one rank (the writer) sets a damaged checkpoint aside
         )
         if not self.writer:
             return state

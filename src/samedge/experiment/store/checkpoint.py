@@ -217,13 +217,20 @@ def _set_aside(path: Path) -> Path:
 
 
 def load_checkpoint(
-    run_dir: str | Path, config: dict[str, Any], like: Params, *, device: torch.device | str = "cpu"
+    run_dir: str | Path,
+    config: dict[str, Any],
+    like: Params,
+    *,
+    device: torch.device | str = "cpu",
+    read_only: bool = False,
 ) -> TrainState:
     """Load and check a checkpoint against the run's configuration and parameter shapes.
 
-    ``checkpoint.pt`` if it passes its check, else ``checkpoint.prev.pt`` (the damaged file is
-    moved to ``checkpoint.pt.corrupt``; :attr:`TrainState.note` says so).  With neither, a
-    :class:`CheckpointError` and nothing changed."""
+    ``checkpoint.pt`` if it passes its check, else ``checkpoint.prev.pt``; :attr:`TrainState.note`
+    says so, naming the step used.  The damaged file is moved to ``checkpoint.pt.corrupt`` unless
+    ``read_only`` (a reader such as ``samedge measure``, or a rank that does not write: only the
+    run directory's writer changes it).  With neither file usable, a :class:`CheckpointError` and
+    nothing changed."""
     run_dir = Path(run_dir)
     path, previous = run_dir / CHECKPOINT_NAME, run_dir / PREVIOUS_NAME
     note = None
@@ -240,7 +247,9 @@ def load_checkpoint(
         except CheckpointError as prev_err:
             raise CheckpointError(f"{problem}; the previous one is no better: {prev_err}") from None
         state = _state(previous, payload, config, like, device)
-        if path.exists():
+        if read_only:
+            note = f"{problem}; used {PREVIOUS_NAME} (step {state.step}) instead"
+        elif path.exists():
             aside = _set_aside(path)
             note = f"{problem}; kept it as {aside.name} and resumed from {PREVIOUS_NAME} (step {state.step})"
         else:

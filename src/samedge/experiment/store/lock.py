@@ -64,7 +64,21 @@ class RunLock:
 
 
 def check_unlocked(path: str | Path) -> None:
-    """Refuse at once if another process holds ``path``'s lock (changes nothing)."""
-    path = Path(path)
-    if (path / LOCK_NAME).is_file():
-        RunLock(path, record_pid=False).release()
+    """Refuse at once if another process holds ``path``'s lock.  Changes nothing and needs no
+    write permission: a shared lock taken and dropped on a read-only descriptor (a reader, such as
+    ``samedge measure``, may look at a run no process is writing, read-only directories included)."""
+    import fcntl
+
+    lock = Path(path) / LOCK_NAME
+    if not lock.is_file():
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        raise RunDirError(
+            f"{path} is in use by another samedge process (pid {holder}); one run writes a run directory at a time"
+        ) from None
+    finally:
+        os.close(fd)  # drops the shared lock

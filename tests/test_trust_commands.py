@@ -132,3 +132,52 @@ def test_flatness_keeps_a_users_files_continues_and_says_divergence(tmp_path, mo
     # a divergence is exit 3, as in samedge run
     assert main([*FLAT, "--eta", "50", "--out", str(tmp_path / "div")]) == 3
     assert "diverged" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def measured_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("measure") / "m"
+    args = ["run", "mnist", *TINY[:4], "--steps", "30", "--measure-every", "5", "--checkpoint-every", "20"]
+    assert main([*args, "--width", "16", "--depth", "2", "--no-progress", "--no-plots", "--out", str(out)]) == 0
+    return out
+
+
+def _snapshot(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.slow
+def test_measure_is_a_reader_that_says_which_step_it_used(measured_run, tmp_path, capsys):
+    import fcntl
+    import os
+    import shutil
+
+    run = tmp_path / "m"
+    shutil.copytree(measured_run, run)
+    assert main(["measure", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 30
+    blob = bytearray((run / "checkpoint.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (run / "checkpoint.pt").write_bytes(bytes(blob))
+    before = _snapshot(run)
+    assert main(["measure", str(run), "--json"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert result["step"] == 20 and "checkpoint.prev.pt (step 20)" in result["note"] and "step 20" in out.err
+    assert _snapshot(run) == before  # nothing renamed, nothing written
+    # a run another process is writing is refused, naming it
+    fd = os.open(run / "run.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert main(["measure", str(run)]) == 2
+        assert "in use by another samedge process" in capsys.readouterr().err
+    finally:
+        os.close(fd)
+    for flags, words in (
+        (["--eig-k", "100000"], "below the number of parameters"),
+        (["--eig-k", "5", "--eig-max-iter", "2"], "below --eig-k"),
+    ):
+        assert main(["measure", str(run), *flags]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1
+    assert _snapshot(run) == before
