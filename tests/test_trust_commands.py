@@ -181,3 +181,34 @@ def test_measure_is_a_reader_that_says_which_step_it_used(measured_run, tmp_path
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1
     assert _snapshot(run) == before
+
+
+def test_library_errors_say_what_is_wrong():
+    import torch
+
+    import samedge
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    x_nan = x.clone()
+    x_nan[0, 0] = float("nan")
+    mse = torch.nn.MSELoss()
+    cases = [
+        (lambda: samedge.SharpnessTracker(model, mse, (x_nan, y)).measure(eta=0.1, rho=0.05), ValueError, "not finite"),
+        (lambda: samedge.SharpnessTracker(model, mse, (x, y), tol=float("nan")), ValueError, "tol must be a finite"),
+        (lambda: samedge.SharpnessTracker(model, mse, (x, y), max_iter=0), ValueError, "max_iter must be >= 1"),
+        (lambda: samedge.SAM(model.parameters(), lr=0.1, rho="0.05"), ValueError, "rho must be a number"),
+        (lambda: samedge.SAM(model.parameters(), lr=float("inf")), ValueError, "lr must be a finite"),
+        (lambda: samedge.SharpnessTracker("model", mse, (x, y)), TypeError, "torch.nn.Module"),
+        (
+            lambda: samedge.SharpnessTracker(model, lambda o, t: 1.0, (x, y)).measure(eta=0.1),
+            TypeError,
+            "scalar tensor",
+        ),
+        (lambda: samedge.SharpnessTracker(model, mse, (x, y)).measure(eta=1e-320), ValueError, "not a finite number"),
+        (lambda: samedge.Method("gd", 1e-320), ValueError, "not a finite number"),
+    ]
+    for call, kind, words in cases:
+        with pytest.raises(kind, match=words):
+            call()

@@ -21,6 +21,7 @@ from samedge.core.eigen import SOLVERS, EigenResult, paper_power_iteration
 from samedge.core.objective import Objective
 from samedge.core.operator import LinearOperator
 from samedge.core.params import flatten, unflatten
+from samedge.core.validation import positive_int, real_number
 
 __all__ = ["HessianEigensolver", "METHODS", "ONE_EIGENPAIR_METHODS", "hessian_eigenpairs"]
 
@@ -46,12 +47,13 @@ class HessianEigensolver:
     ):
         if method not in METHODS:
             raise ValueError(f"unknown eigen-solver {method!r}; choose one of {', '.join(METHODS)}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        k = positive_int("k", k)
         if method in ONE_EIGENPAIR_METHODS and k != 1:
             raise ValueError(f"eigen-solver {method!r} finds one eigenvalue; use k = 1 or lanczos")
         if block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
+        tol = real_number("tol", tol, low=0.0, low_open=True)
+        max_iter = positive_int("max_iter", max_iter)
         self.k, self.method, self.tol, self.max_iter = k, method, tol, max_iter
         #: Ritz vectors carried from one solve to the next as its start (lanczos only; at least k)
         self.block = max(block, k) if method == "lanczos" else k

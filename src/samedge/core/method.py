@@ -70,6 +70,8 @@ class Method:
         eta, rho, momentum = _number("eta", self.eta), _number("rho", self.rho), _number("momentum", self.momentum)
         if eta <= 0:
             raise ValueError(f"eta must be > 0, got {eta!r}")
+        if not math.isfinite(4.0 / eta):  # every edge scales as 1/eta: it must stay a number
+            raise ValueError(f"eta = {eta!r} is so small that its edge (~2/eta) is not a finite number")
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho!r}")
         if not 0.0 <= momentum < 1.0:

@@ -236,7 +236,11 @@ class Objective:
         """The chunk's term: its summed loss and count (summed loss), or its mean loss and weight."""
         if self.summed is not None:
             return self.summed.split(out, y)
-        return self.loss_fn(out, y), 1.0
+        value = self.loss_fn(out, y)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            what = type(value).__name__ if not isinstance(value, Tensor) else f"a tensor of shape {tuple(value.shape)}"
+            raise TypeError(f"the loss function must return a scalar tensor computed from the outputs, got {what}")
+        return value, 1.0
 
     def _finish(self, count: float) -> float:
         """What the accumulated terms are divided by: the global normaliser of a summed loss."""

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from samedge.core.params import Params, add_scaled, norm
+from samedge.core.validation import real_number
 
 __all__ = ["perturbation_scale", "perturbation", "sam_point", "sam_gradient", "heavy_ball_update", "SAM"]
 
@@ -122,8 +123,7 @@ class SAM(torch.optim.Optimizer):
         secant_pair: bool = False,
         **base_kwargs,
     ):
-        if not rho >= 0:
-            raise ValueError(f"rho must be >= 0, got {rho}")
+        rho = real_number("rho", rho, low=0.0)
         self.last_grad_norm: float | None = None
         self.secant_pair = bool(secant_pair)
         self.last_secant_pair: tuple[Tensor, Tensor] | None = None
@@ -135,10 +135,10 @@ class SAM(torch.optim.Optimizer):
                     f"SAM's built-in update takes lr, rho, normalized and momentum, not {', '.join(sorted(base_kwargs))}; "
                     "for those pass base_optimizer=torch.optim.SGD (or another torch optimizer)"
                 )
-            if lr is None or not lr > 0:
-                raise ValueError(f"lr must be > 0, got {lr}")
-            if not 0 <= momentum < 1:
-                raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+            if lr is None:
+                raise ValueError("lr must be given (a number > 0)")
+            lr = real_number("lr", lr, low=0.0, low_open=True)
+            momentum = real_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
             self.base_optimizer: torch.optim.Optimizer | None = None
             super().__init__(params, dict(lr=lr, rho=rho, normalized=normalized, momentum=momentum))
             self._allowed = _OWN_KEYS | {"lr", "momentum"}

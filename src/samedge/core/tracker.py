@@ -23,6 +23,7 @@ change between products; a reading where it did is reported as not converged.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,6 +74,10 @@ class SharpnessTracker:
         distributed: bool = False,
         process_group: Any = None,
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
         if mode not in MODES:
             raise ValueError(f"mode must be None, 'train' or 'eval', got {mode!r}")
         if hvp_mode not in HVP_MODES:
@@ -133,6 +138,11 @@ class SharpnessTracker:
         ev = objective.loss_and_grad(params)
         assert ev.grad is not None
         grad = ev.grad
+        if not (math.isfinite(ev.loss) and all(bool(torch.isfinite(g).all()) for g in grad)):
+            raise ValueError(
+                f"the loss ({ev.loss:g}) or its gradient is not finite at the model's parameters; "
+                "a Hessian reading needs finite values (check the inputs, targets and weights for NaN or inf)"
+            )
         if objective.unused:
             objective, params, grad = self._leave_out(objective, params, grad)
         sam_grad = method.direction(objective.grad, params, grad)

@@ -53,7 +53,9 @@ def remeasure(
     if k >= n:
         raise ConfigError(f"--eig-k {k} must be below the number of parameters ({n})")
     if max_iter < k:
-        raise ConfigError(f"--eig-max-iter {max_iter} is below --eig-k {k}: a solve needs at least one product per eigenpair")
+        raise ConfigError(
+            f"--eig-max-iter {max_iter} is below --eig-k {k}: a solve needs at least one product per eigenpair"
+        )
     like = task.train.parameters()
     state = load_checkpoint(run_dir, cfg.to_dict(), like, device=like[0].device, read_only=True)
     # a finished run's checkpoint is the boundary after its last step, at that step's weights
