@@ -212,3 +212,26 @@ def test_library_errors_say_what_is_wrong():
     for call, kind, words in cases:
         with pytest.raises(kind, match=words):
             call()
+
+
+def test_an_interrupted_overwrite_leaves_nothing_the_next_call_keeps(tmp_path):
+    from samedge.experiment.store.create import create_run_dir
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (tmp_path / ".r.old-4242").mkdir()  # an overwrite killed after moving the old run aside
+    (tmp_path / ".r.old-4242" / "metrics.csv").write_text("old\n")
+    (tmp_path / ".r.new-abc").mkdir()  # ... or while staging the new one
+    create_run_dir(run).release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_download_offline_is_an_environment_error_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    import samedge.data.mnist as mnist
+
+    monkeypatch.setattr(mnist, "MNIST_MIRRORS", ((tmp_path / "nowhere").as_uri(),))
+    monkeypatch.setattr(mnist.download_mnist, "__defaults__", (mnist.MNIST_MIRRORS,))
+    assert main(["download", "mnist", "--dir", str(tmp_path / "data" / "mnist")]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("samedge: error: could not download") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

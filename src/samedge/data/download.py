@@ -42,15 +42,38 @@ def download(url: str, dest: str | os.PathLike, md5: str, *, timeout: float = 60
             return dest
         except DataError:
             pass  # fetch it again; the bad file is replaced only after the new one verifies
+    made = _missing_ancestors(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch(url, dest, md5, timeout)
+    except BaseException:
+        for folder in made:  # the folders this call made, innermost first, if nothing else is in them
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, innermost first."""
+    out = []
+    while not folder.exists() and folder != folder.parent:
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def _fetch(url: str, dest: Path, md5: str, timeout: float) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     shutil.copyfileobj(response, out)
-            except OSError as err:
-                raise DataError(f"could not download {url}: {err}") from None
+            except OSError as err:  # offline, refused, timed out: the environment's answer, not bad input
+                reason = getattr(err, "reason", None) or err
+                raise ConnectionError(f"could not download {url} ({reason})") from None
             out.flush()
             os.fsync(out.fileno())
         verify_md5(tmp, md5)

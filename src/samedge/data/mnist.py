@@ -401,15 +401,17 @@ def download_mnist(directory: str | os.PathLike, mirrors: list[str] | tuple[str,
     if not mirrors:
         raise DataError("no MNIST mirrors to download from")
     for name, md5 in MNIST_FILES.items():
-        last: DataError | None = None
+        last: DataError | ConnectionError | None = None
         for base in mirrors:
             url = base.rstrip("/") + "/" + name
             try:
                 download(url, directory / name, md5)
-            except DataError as err:
+            except (DataError, ConnectionError) as err:
                 last = err
                 continue
             break
         else:
-            raise DataError(f"could not download {name} from any of {len(mirrors)} mirror(s); last error: {last}")
+            message = f"could not download {name} from any of {len(mirrors)} mirror(s); last error: {last}"
+            # a file that arrived wrong is bad data; none arriving at all is the network's answer
+            raise DataError(message) if isinstance(last, DataError) else ConnectionError(message)
     return directory

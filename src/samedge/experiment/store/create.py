@@ -18,6 +18,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from samedge.errors import RunDirError
 from samedge.experiment.store.layout import RunDir
-from samedge.experiment.store.lock import RunLock
+from samedge.experiment.store.lock import RunLock, check_unlocked
 
 __all__ = ["create_run_dir", "lock_run_dir"]
 
@@ -37,6 +38,23 @@ def lock_run_dir(path: str | Path) -> RunLock:
     if not path.is_dir():
         raise RunDirError(f"run directory {path} does not exist")
     return RunLock(path)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove what an ``overwrite`` killed midway left beside ``path``: the old run moved aside
+    (``.NAME.old-PID``) and a staged new run (``.NAME.new-*``) that no live process holds."""
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.old-*"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.new-*"):
+        if entry.is_dir() and not entry.is_symlink():
+            try:
+                check_unlocked(entry)
+            except RunDirError:
+                continue  # another process is setting up a run there right now
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _check_replaceable(path: Path) -> None:
@@ -73,6 +91,7 @@ def create_run_dir(path: str | Path, overwrite: bool = False, setup: Callable[[P
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"run directory {path} exists and is not a directory")
+    _remove_leftovers(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):  # another process made it first: the lock decides
@@ -108,20 +127,19 @@ def _replace(path: Path, setup: Callable[[Path], None] | None) -> RunLock:
         lock = RunLock(staging)
         if setup is not None:
             setup(staging)
-        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.rename(path, aside / "run")
+        # the old run moves aside in one rename (no folder made first, so a kill at any moment
+        # leaves the old run, the new one, or a '.old-' sibling that the next call removes)
+        aside = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(path, aside)
         try:
             os.rename(staging, path)
         except OSError:
-            os.rename(aside / "run", path)  # put the old run back
+            os.rename(aside, path)  # put the old run back
             raise
     except BaseException:
         if lock is not None:
             lock.release()
         shutil.rmtree(staging, ignore_errors=True)
-        if aside is not None and not (aside / "run").exists():
-            with contextlib.suppress(OSError):
-                aside.rmdir()
         raise
     lock.directory = path
     shutil.rmtree(aside, ignore_errors=True)  # the new run exists: only now is the old one removed
