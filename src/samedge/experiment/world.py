@@ -135,7 +135,9 @@ def is_writer() -> bool:
     return env_place().is_writer
 
 
-def provenance() -> dict[str, Any]:
+def process_group_info() -> dict[str, Any]:
+    """``world_size`` and ``backend`` of this run's process group (1 and None for one process), as
+    ``config.json`` and ``summary.json`` record them."""
     ctx = current()
     return {"world_size": 1 if ctx is None else ctx.world_size, "backend": None if ctx is None else ctx.backend}
 

@@ -171,7 +171,7 @@ def run(
                 cfg,
                 data_source=built.source,
                 n_parameters=built.n_parameters,
-                extra=world.provenance(),
+                extra=world.process_group_info(),
             )
 
         world.on_rank0(lambda: held.append(create_run_dir(run_dir, overwrite, setup=setup)))
@@ -219,7 +219,7 @@ class _Training:
         self.rule = self.run_state.rule
         self.files = RunDir(run_dir)
         self.writer = world.is_writer()  # rank 0 (or the only process) writes files
-        self.dist_info = world.provenance()
+        self.dist_info = world.process_group_info()
         self.opened = self._open()
         self.rule_state = self.run_state.restore(self.opened, run_dir)
         self.columns = base_columns(
