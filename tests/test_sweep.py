@@ -265,44 +265,99 @@ def test_compare_draws_one_line_per_run_and_edge(sweep, monkeypatch, tmp_path):
     assert main(["compare", str(tmp_path / "nothing")]) == 2
 
 
-def _fake_run(name, optimizer, eta, rho, sharp, edge, grad_norm, seed=0):
+def _fake_run(name, optimizer, eta, rho, sharp, edge, grad_norm, seed=0, loss=None, trace=None, test_error=0.2):
     from samedge.experiment.analysis.overlay import ComparedRun
+    from samedge.experiment.config import build_config
     from samedge.experiment.store.metrics import summarize
 
+    n = len(sharp)
+    loss = loss or [1.0] * n
     rows = [
         {
-            "step": float(i),
+            "step": float(10 * i),
             "sharpness": s,
             "sam_edge": e,
             "grad_norm": g,
             "sharpness_over_edge": s / e,
-            "train_loss": 1.0,
+            "train_loss": loss[i],
             "train_accuracy": 0.5,
+            "trace": None if trace is None else trace[i],
             "hvps": 1.0,
             "eig_converged": 1.0,
         }
         for i, (s, e, g) in enumerate(zip(sharp, edge, grad_norm))
     ]
-    from samedge.experiment.config import build_config
-
     cfg = build_config("mnist", overrides={"optimizer": optimizer, "eta": eta, "rho": rho, "seed": seed})
-    return ComparedRun(name, Path(name), cfg, rows, summarize(rows))
+    return ComparedRun(name, Path(name), cfg, rows, {**summarize(rows), "test_error": test_error})
 
 
 def test_claims_are_checked_against_the_numbers():
     edge = [4.0, 3.0, 2.5, 2.2, 2.0, 1.9]
-    tracking = _fake_run("sam", "sam", 0.1, 0.1, [1.0, 2.9, 2.5, 2.2, 2.05, 1.85], edge, [1, 1, 1, 1, 1, 1])
-    gd = _fake_run("gd", "gd", 0.1, 0.0, [10, 19, 20.5, 19.8, 20.1, 20.0], [20.0] * 6, [1] * 6)
-    claims = check_claims([tracking, gd])
-    assert [c.verdict for c in claims] == ["yes", "yes", "yes", "yes", "yes"]
-    assert "1 of 1 SAM runs track" in claims[0].evidence
-    # a SAM run that never reaches its edge and a GD run below 2/eta: the claims fail, with numbers
-    flat = _fake_run("flat", "sam", 0.1, 0.1, [1.0] * 6, edge, [1] * 6)
-    low = _fake_run("low", "gd", 0.1, 0.0, [1.0] * 6, [20.0] * 6, [1] * 6)
-    claims = check_claims([flat, low])
-    assert [c.verdict for c in claims] == ["no", "not tested", "not tested", "not tested", "no"]
-    assert "low did not reach 2/eta = 20" in claims[3].evidence
-    assert "0 of 1 SAM runs" in claims[0].evidence and "flat 1 vs 1" in claims[4].evidence
+    loss = [1.0, 0.6, 0.4, 0.25, 0.15, 0.1]
+    gd = _fake_run(
+        "gd",
+        "gd",
+        0.1,
+        0.0,
+        [10, 19, 20.5, 19.8, 20.1, 20.0],
+        [20.0] * 6,
+        [1] * 6,
+        loss=loss,
+        trace=[100, 150, 160, 170, 170, 170],
+        test_error=0.20,
+    )
+    sam = _fake_run(
+        "rho0.1",
+        "sam",
+        0.1,
+        0.1,
+        [10, 2.9, 2.5, 2.2, 2.05, 1.85],
+        edge,
+        [1, 1, 1, 1, 1, 1],
+        loss=loss,
+        trace=[100, 60, 50, 45, 40, 40],
+        test_error=0.15,
+    )
+    sharper = [x / 2 for x in edge]
+    sam2 = _fake_run(
+        "rho0.2",
+        "sam",
+        0.1,
+        0.2,
+        [10, 1.45, 1.25, 1.1, 1.0, 0.93],
+        sharper,
+        [1] * 6,
+        loss=loss,
+        trace=[100, 50, 40, 35, 30, 30],
+        test_error=0.16,
+    )
+    claims = {c.key: c for c in check_claims([sam, sam2, gd])}
+    assert {k: c.verdict for k, c in claims.items()} == {
+        "tracks": "yes",
+        "edge_moves": "yes",
+        "gd_hovers": "yes",
+        "rho_lower": "yes",
+        "flatter_early": "yes",
+        "test": "yes",
+    }
+    assert "2 of 2 SAM runs track" in claims["tracks"].evidence
+    # at equal training loss SAM's sharpness is a small fraction of GD's, parting at the second reading (step 10)
+    assert "step 10" in claims["flatter_early"].evidence
+    assert "SAM minus GD -0.045 (-0.05--0.04 over 2)" in claims["test"].evidence
+    # a SAM run that never reaches its edge and a GD run below 2/eta: the claims fail or are not tested, with numbers
+    flat = _fake_run("flat", "sam", 0.1, 0.1, [1.0] * 6, edge, [1] * 6, test_error=0.3)
+    low = _fake_run("low", "gd", 0.1, 0.0, [1.0] * 6, [20.0] * 6, [1] * 6, test_error=0.2)
+    claims = {c.key: c for c in check_claims([flat, low])}
+    assert {k: c.verdict for k, c in claims.items()} == {
+        "tracks": "no",
+        "edge_moves": "not tested",
+        "gd_hovers": "not tested",
+        "rho_lower": "not tested",
+        "flatter_early": "not tested",
+        "test": "no",
+    }
+    assert "low 1 of 20" in claims["gd_hovers"].evidence
+    assert "0 of 1 SAM runs" in claims["tracks"].evidence and "SAM minus GD +0.1" in claims["test"].evidence
 
 
 @pytest.mark.slow
@@ -315,7 +370,8 @@ def test_report_writes_markdown_and_self_contained_html(sweep, tmp_path):
     text = md.read_text()
     assert "| run |" in text and "rho0.2-seed1" in text and "SAM-edge" in text
     html = page.read_text()
-    assert html.count("data:image/png;base64,") == 3 and "src='compare/" not in html
+    figures = len(list((out / "compare").glob("*.png")))
+    assert figures >= 3 and html.count("data:image/png;base64,") == figures and "src='compare/" not in html
 
 
 @pytest.mark.slow

@@ -184,10 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, or one sweep directory")
     cmp.add_argument("--out", help="where to write the figures (default: SWEEP_DIR/compare or ./compare)")
 
-    rep = sub.add_parser("reproduce", help="the paper's figure set for a task: a sweep, figures and a report")
-    rep.add_argument("task", help=f"one of {', '.join(reproduce_names())}")
+    rep = sub.add_parser(
+        "reproduce", help="the paper's comparisons: sweeps, figures and a report that checks its claims"
+    )
+    rep.add_argument("task", help=f"one of {', '.join(reproduce_names())}, or all (the three tasks and one report)")
     rep.add_argument(
         "--paper", action="store_true", help="the paper-scale grid (for a GPU or a cluster) instead of the laptop one"
+    )
+    rep.add_argument(
+        "--report-only", action="store_true", help="redraw the figures and report from the run directories; run nothing"
     )
     _add_sweep_run_flags(rep)
 
@@ -456,16 +461,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from samedge.experiment.analysis.overlay import overlay_runs
-    from samedge.experiment.analysis.report import load_reproduce_spec, write_report
+    from samedge.experiment.analysis.report import PAPER_TASKS, load_reproduce_spec, write_paper_report, write_report
+    from samedge.experiment.sweeps.spec import is_sweep_dir
 
-    spec = load_reproduce_spec(args.task, paper=args.paper)
-    out = Path(args.out) if args.out else Path("reproduce") / (args.task + ("-paper" if args.paper else ""))
-    code = _run_sweep_cli(spec, out, args)
-    if code == EXIT_INTERRUPTED:
-        return code
-    overlay_runs([str(out)], None)
-    for path in write_report(out):
-        print(path)
+    every = args.task == "all"
+    tasks = PAPER_TASKS if every else (args.task,)
+    specs = {task: load_reproduce_spec(task, paper=args.paper) for task in tasks}  # all refused before any runs
+    base = Path(args.out) if args.out else Path("reproduce") / (args.task + ("-paper" if args.paper else ""))
+    code = EXIT_OK
+    for task in tasks:
+        out = base / task if every else base
+        if not args.report_only:
+            code = code or _run_sweep_cli(specs[task], out, args)
+        elif not is_sweep_dir(out):
+            if not every:
+                raise ConfigError(f"{out} holds no sweep yet; run `samedge reproduce {task}` first")
+            continue
+        overlay_runs([str(out)], None)
+        for path in write_report(out):
+            print(path)
+    if every:
+        for path in write_paper_report(base, tasks):
+            print(path)
     return code
 
 
