@@ -381,3 +381,32 @@ def test_line_progress_off_a_terminal(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "\r" not in err
     assert [ln.split(":")[0] for ln in err.splitlines()] == ["step 0/4", "step 2/4", "step 4/4"]
+
+
+@pytest.mark.slow
+def test_the_paper_report_has_a_cell_for_every_claim_and_task(tmp_path, capsys):
+    from samedge.experiment.analysis.claims import CLAIM_NAMES
+
+    out = tmp_path / "rep"
+    # GD and SAM at two rho from the same two initializations, with the trace: every claim is testable
+    sweep_file = tmp_path / "mnist.toml"
+    sweep_file.write_text(
+        'task = "mnist"\n[base]\nsteps = 12\nmeasure_every = 3\ntrace_every = 6\ntrace_probes = 4\nn_train = 100\n'
+        "n_test = 50\nwidth = 16\ndepth = 2\n[grid]\nrho = [0.05, 0.1]\nseed = [0, 1]\n"
+        '[[runs]]\noptimizer = "gd"\nseed = 0\n[[runs]]\noptimizer = "gd"\nseed = 1\n'
+    )
+    assert main(["sweep", str(sweep_file), "--out", str(out / "mnist"), "--no-progress"]) == 0
+    capsys.readouterr()
+    # the report is drawn from the run directories alone; tasks without runs are named, not invented
+    assert main(["reproduce", "all", "--report-only", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    table = md[md.index("## Claims x tasks") : md.index("## mnist")]
+    for text in CLAIM_NAMES.values():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {text} |"))
+        assert row.count("**yes**") + row.count("**no**") + row.count("**not tested**") == 1
+    assert "no runs yet: cifar10, shakespeare" in md and "flatness.png" in md
+    html = (out / "report.html").read_text()
+    assert "src='compare/" not in html and 'src="http' not in html and html.count("data:image/png;base64,") >= 4
+    before = md
+    assert main(["reproduce", "all", "--report-only", "--out", str(out)]) == 0
+    assert (out / "report.md").read_text() == before  # redrawn, the same numbers
