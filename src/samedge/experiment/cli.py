@@ -64,6 +64,8 @@ _HELP = {
     "seed": "random seed (data order, initialization, eigen-solver start)",
     "dtype": "float32 or float64",
     "device": "cpu, cuda or auto",
+    "threads": "torch threads (default: torch's, one per core); a matrix product's float sums depend on the count, "
+    "so the same count gives the same metrics.csv (a sweep's runs use --threads-per-run, default 1)",
 }
 
 
