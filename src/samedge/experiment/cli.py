@@ -477,12 +477,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def _describe_os_error(err: OSError) -> str:
-    what = err.strerror or str(err) or type(err).__name__
-    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
-    return f"{what}: {' -> '.join(paths)}" if paths else what
-
-
 def _refuse_locked_early(argv: Sequence[str]) -> None:
     """``run --resume DIR`` or ``run --out DIR`` on a directory another process is writing is
     refused before torch is imported (the runner takes the lock itself; this only answers sooner)."""
@@ -516,7 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"samedge: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as err:  # the machine refused: permissions, a full disk, a vanished path
-        print(f"samedge: error: {_describe_os_error(err)}", file=sys.stderr)
+        from samedge.experiment.store.files import describe_os_error
+
+        print(f"samedge: error: {describe_os_error(err)}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("samedge: interrupted", file=sys.stderr)
