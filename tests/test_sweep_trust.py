@@ -28,6 +28,14 @@ from samedge.experiment.sweeps.sweepdir import SweepDir
 TINY = ["--steps", "10", "--measure-every", "5", "--n-train", "60", "--n-test", "20", "--width", "8", "--depth", "2"]
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """A run with a ``threads`` setting sets the process's torch threads: restored for the next test."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def sweep_csv(out):
     with open(out / "sweep.csv", newline="") as f:
         return {r["name"]: r for r in csv.DictReader(f)}
@@ -67,17 +75,13 @@ def test_threads_is_a_setting_applied_by_the_runner(tmp_path):
         build_config("mnist", overrides={"threads": 0})
     cfg = build_config("mnist", overrides={"steps": 2, "measure_every": 2, "n_train": 30, "n_test": 10, "threads": 1})
     seen = []
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        run(
-            cfg.replace(width=8, depth=2),
-            tmp_path / "r",
-            progress=False,
-            on_step=lambda t: seen.append(torch.get_num_threads()),
-        )
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(2)
+    run(
+        cfg.replace(width=8, depth=2),
+        tmp_path / "r",
+        progress=False,
+        on_step=lambda t: seen.append(torch.get_num_threads()),
+    )
     assert seen and set(seen) == {1}
     assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["threads"] == 1
 
@@ -128,11 +132,7 @@ def test_a_failed_point_finished_later_is_no_longer_failed(done_sweep, capsys):
     from samedge.experiment.config import from_mapping
     from samedge.experiment.run.runner import run
 
-    threads = torch.get_num_threads()
-    try:
-        run(from_mapping(settings), point, overwrite=True, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    run(from_mapping(settings), point, overwrite=True, progress=False)
     write_sweep_csv(done_sweep)  # any reader: the run directory outranks the stale record
     assert sweep_csv(done_sweep)["rho0.1"]["status"] == "done"
     assert sweep(done_sweep) == 0
