@@ -155,7 +155,7 @@ def test_minibatch_run_with_evaluation_batch_resumes_exactly(tmp_path):
 
 def test_resume_of_a_run_written_before_newer_settings(tmp_path):
     """A run directory from an earlier samedge (its config.json and checkpoint lack settings added
-    since, such as vocab and eval_batch_size) resumes with those settings at their defaults and
+    since, such as vocab, eval_batch_size and threads) resumes with those settings at their defaults and
     repeats the rows of a run that never stopped."""
     import torch
 
@@ -164,11 +164,11 @@ def test_resume_of_a_run_written_before_newer_settings(tmp_path):
     assert main([*args, "--out", str(ref)]) == 0
     run_interrupted(args, out, 3)
     saved = json.loads((out / "config.json").read_text())
-    for key in ("vocab", "eval_batch_size"):
+    for key in ("vocab", "eval_batch_size", "threads"):
         del saved["config"][key]
     (out / "config.json").write_text(json.dumps(saved))
     checkpoint = as_earlier_samedge(torch.load(out / "checkpoint.pt", weights_only=True))
-    for key in ("vocab", "eval_batch_size"):
+    for key in ("vocab", "eval_batch_size", "threads"):
         del checkpoint["config"][key]
     for key in ("eval_solver", "digest", "metrics"):  # format 1 had no digest and no metrics rows
         del checkpoint[key]

@@ -64,6 +64,8 @@ _HELP = {
     "seed": "random seed (data order, initialization, eigen-solver start)",
     "dtype": "float32 or float64",
     "device": "cpu, cuda or auto",
+    "threads": "torch threads (default: torch's, one per core); a matrix product's float sums depend on the count, "
+    "so the same count gives the same metrics.csv (a sweep's runs use --threads-per-run, default 1)",
 }
 
 
@@ -103,9 +105,10 @@ def _add_sweep_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads-per-run",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="torch threads (and Ray CPUs) per run (default 1; the same N gives the same metrics on every executor)",
+        help="torch threads (and Ray CPUs) per run: each run's threads setting (default 1; the same N gives the same "
+        "metrics on every executor and in samedge run --threads N); fixed for a sweep directory",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     p.add_argument("--plots", action="store_true", help="also draw each run's own figures")
@@ -399,10 +402,12 @@ def _sweep_spec(args: argparse.Namespace):
         spec = load_sweep_file(args.target)
         if args.preset or args.config:
             raise ConfigError("--preset/--config go in the sweep file (preset = ..., config = ...)")
+        _refuse_clash(spec.grid, base)
         spec.base.update(base)
         spec.grid.update(grid)
         spec.__post_init__()
     else:
+        _refuse_clash(grid, base)
         spec = SweepSpec(
             args.target,
             base,
@@ -410,24 +415,44 @@ def _sweep_spec(args: argparse.Namespace):
             preset=args.preset,
             config_file=str(Path(args.config).resolve()) if args.config else None,
         )
-    clash = sorted(set(spec.grid) & set(base))
-    if clash:
-        raise ConfigError(f"setting '{clash[0]}' is both varied (--grid) and fixed (--{clash[0].replace('_', '-')})")
     return spec
 
 
+def _refuse_clash(grid: dict, flags: dict) -> None:
+    clash = sorted(set(grid) & set(flags))
+    if clash:
+        raise ConfigError(f"setting '{clash[0]}' is both varied (--grid) and fixed (--{clash[0].replace('_', '-')})")
+
+
+def _threads_per_run(spec, args: argparse.Namespace) -> None:
+    """``--threads-per-run N`` is the ``threads`` setting of every run (checked before anything is
+    written; with ``--threads`` too, the two must agree)."""
+    n = args.threads_per_run
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError(f"--threads-per-run must be >= 1, got {n}")
+    given = getattr(args, "threads", None)
+    if given is not None and given != n:
+        raise ConfigError(f"--threads {given} and --threads-per-run {n} disagree; give one")
+    if "threads" in spec.grid:
+        raise ConfigError("setting 'threads' is both varied (grid) and fixed (--threads-per-run)")
+    spec.base["threads"] = n
+
+
 def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> int:
+    """Run a sweep from the command line; the whole command (executor, threads, every point's
+    settings, the sweep directory's definition) is checked before anything is written."""
     from samedge.experiment.store.layout import RunDir
     from samedge.experiment.sweeps.driver import run_sweep
     from samedge.experiment.sweeps.executors import executor_class
     from samedge.experiment.sweeps.spec import prepare_sweep_dir
 
     executor = executor_class(args.executor).from_arguments(args)
-    executor.check()  # before the sweep directory is written
-    if args.threads_per_run < 1:
-        raise ConfigError(f"--threads-per-run must be >= 1, got {args.threads_per_run}")
+    executor.check()
+    _threads_per_run(spec, args)
     points = prepare_sweep_dir(out, spec, spec.points())
-    done = run_sweep(out, points, executor=executor, threads=args.threads_per_run, progress=not args.no_progress)
+    done = run_sweep(out, points, executor=executor, progress=not args.no_progress)
     if args.plots:
         from samedge.experiment.analysis.figures import plot_run
 
@@ -439,10 +464,9 @@ def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> int:
     print(f"summary: {out / 'sweep.csv'}")
     for name, status in done.statuses.items():
         if status in ("failed", "error"):
-            print(f"  {name}: {status}")
-    if done.count("error"):
-        return 1  # a samedge bug in some run (its message is in sweep.csv)
-    return EXIT_BAD_INPUT if done.count("failed") else EXIT_OK
+            reason = done.outcomes.get(name, {}).get("reason", "")
+            print(f"  {name}: {status}" + (f": {reason}" if reason else ""))
+    return done.exit_code()  # as samedge run exits: 1 a bug, 4 the environment, 2 bad input
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -500,12 +524,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def _describe_os_error(err: OSError) -> str:
-    what = err.strerror or str(err) or type(err).__name__
-    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
-    return f"{what}: {' -> '.join(paths)}" if paths else what
-
-
 def _refuse_locked_early(argv: Sequence[str]) -> None:
     """``run --resume DIR`` or ``run --out DIR`` on a directory another process is writing is
     refused before torch is imported (the runner takes the lock itself; this only answers sooner)."""
@@ -544,7 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"samedge: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as err:  # the machine refused: permissions, a full disk, a vanished path
-        print(f"samedge: error: {_describe_os_error(err)}", file=sys.stderr)
+        from samedge.experiment.store.files import describe_os_error
+
+        print(f"samedge: error: {describe_os_error(err)}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("samedge: interrupted", file=sys.stderr)

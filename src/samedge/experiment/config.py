@@ -98,6 +98,7 @@ class RunConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    threads: int | None = None  # torch threads (None: torch's default); sums depend on the count
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -159,6 +160,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "d_model": (1, 1 << 16, True),
     "key_size": (1, 1 << 16, True),
     "seed": (0, 2**63 - 1, True),
+    "threads": (1, 4096, True),
 }
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "session",
     "sharded_objective",
     "on_rank0",
+    "use_threads",
     "EXIT_WORKER_LOST",
 ]
 
@@ -251,3 +252,13 @@ def _rebuild(err: tuple[str, str]) -> BadInput:
 
     kind = getattr(errors, err[0], BadInput)
     return kind(err[1]) if isinstance(kind, type) and issubclass(kind, BadInput) else BadInput(err[1])
+
+
+def use_threads(threads: int | None) -> None:
+    """Set this process's torch threads (``None``: leave torch's default).  The float sums of a
+    matrix product depend on how many threads share them, so a run is byte-reproducible only on
+    the same count; a run records it as its ``threads`` setting."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)

@@ -148,6 +148,7 @@ def run(
 
     The run holds ``run_dir``'s lock (:mod:`~samedge.experiment.store.lock`) from before its first
     write to its end: a second run or resume of the directory is refused meanwhile."""
+    world.use_threads(cfg.threads)  # before anything is computed: the sums depend on the thread count
     run_dir = Path(run_dir) if run_dir is not None else RunDir.default_for(cfg).path
     # Over many processes (torch.distributed) every rank runs the loop on the same values; rank 0
     # alone holds the lock and writes files, and what it refuses is refused on every rank.

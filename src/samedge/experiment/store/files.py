@@ -16,7 +16,7 @@ from typing import Any
 
 from samedge.errors import RunDirError
 
-__all__ = ["atomic_write", "write_json", "read_json_object", "with_path"]
+__all__ = ["atomic_write", "write_json", "read_json_object", "with_path", "describe_os_error"]
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
@@ -49,6 +49,13 @@ def with_path(err: BaseException, path: Path) -> BaseException:
     if isinstance(err, OSError) and err.filename is None and err.errno is not None:
         return type(err)(err.errno, err.strerror or str(err), str(path))
     return err
+
+
+def describe_os_error(err: OSError) -> str:
+    """What the machine refused, as one line naming the path (``No space left on device: p``)."""
+    what = err.strerror or str(err) or type(err).__name__
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{what}: {' -> '.join(paths)}" if paths else what
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

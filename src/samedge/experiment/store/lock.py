@@ -7,14 +7,22 @@ it imports torch (seconds).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from samedge.errors import RunDirError
 from samedge.experiment.store.layout import RunDir
 
-__all__ = ["RunLock", "check_unlocked", "LOCK_NAME"]
+__all__ = ["RunLock", "RunLocked", "check_unlocked", "lock_holder", "wait_unlocked", "LOCK_NAME"]
 
 LOCK_NAME = RunDir.LOCK
+# A reader that asks whether a run is running (lock_holder) holds the lock for microseconds: a
+# contender tries again this long before it is refused.
+_RETRY_S = (0.005, 0.02, 0.05)
+
+
+class RunLocked(RunDirError):
+    """The run directory is locked by another process (its writer)."""
 
 
 class RunLock:
@@ -26,18 +34,16 @@ class RunLock:
     ``O_TRUNC``, so a refused contender would erase the holder's pid that the refusal names."""
 
     def __init__(self, directory: Path, *, record_pid: bool = True):
-        import fcntl
-
         self._fd: int | None = None
         self.directory = directory
         path = directory / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_soon(fd)
         except BlockingIOError:
             holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
-            raise RunDirError(
+            raise RunLocked(
                 f"{directory} is in use by another samedge process (pid {holder}); one run writes a run directory at a time"
             ) from None
         except BaseException:
@@ -65,20 +71,55 @@ class RunLock:
 
 def check_unlocked(path: str | Path) -> None:
     """Refuse at once if another process holds ``path``'s lock.  Changes nothing and needs no
-    write permission: a shared lock taken and dropped on a read-only descriptor (a reader, such as
-    ``samedge measure``, may look at a run no process is writing, read-only directories included)."""
+    write permission (a reader, such as ``samedge measure``, may look at a run no process is
+    writing, read-only directories included): see :func:`lock_holder`."""
+    holder = lock_holder(path)
+    if holder is not None:
+        raise RunLocked(
+            f"{path} is in use by another samedge process (pid {holder}); one run writes a run directory at a time"
+        )
+
+
+def _flock_soon(fd: int) -> None:
     import fcntl
 
-    lock = Path(path) / LOCK_NAME
-    if not lock.is_file():
-        return
-    fd = os.open(lock, os.O_RDONLY)
+    for wait in (*_RETRY_S, None):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if wait is None:
+                raise
+            time.sleep(wait)
+
+
+def lock_holder(path: str | Path) -> str | None:
+    """Who holds ``path``'s run lock: the process id it recorded (``"unknown"`` without one), or
+    ``None`` when no process holds it.  Reads only (a missing lock file is not created)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(path) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-        raise RunDirError(
-            f"{path} is in use by another samedge process (pid {holder}); one run writes a run directory at a time"
-        ) from None
+        return os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
     finally:
-        os.close(fd)  # drops the shared lock
+        os.close(fd)  # drops a shared lock taken here at once
+    return None
+
+
+def wait_unlocked(path: str | Path) -> None:
+    """Wait until no process holds ``path``'s run lock (at once if none does)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(path) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)

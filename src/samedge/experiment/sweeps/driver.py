@@ -1,10 +1,17 @@
 """Running a sweep: every point not yet finished, by an executor, with ``status.json`` and
 ``sweep.csv`` kept up to date after each run.
 
-Faults: a point whose settings or data are refused is recorded ``failed`` with the reason; a
-diverged run is recorded ``diverged``; neither is retried, and the other points go on.  Any other
-exception is a samedge bug: it is recorded ``error`` with its message, the other points go on, and
-the sweep exits 1.
+Each call looks at every point afresh (its run directory says what it needs; a record of an
+earlier failure is cleared once the point has finished).  Many calls may work on one sweep
+directory at once: a point another process is running is left to it and waited for at the end
+(then taken over if that process did not finish it), and the sweep's own files are written under
+its lock (:class:`~samedge.experiment.sweeps.sweepdir.SweepDir`).
+
+Faults, as ``samedge run`` maps them: a point whose settings or data are refused is recorded
+``failed`` with the reason (exit 2); one the machine refused (no permission, a full disk) is
+``failed`` with one line naming the path (exit 4); a diverged run is recorded ``diverged``; the
+other points go on.  Any other exception is a samedge bug: it is recorded ``error`` with its
+message, the other points go on, and the sweep exits 1.
 """
 
 from __future__ import annotations
@@ -12,13 +19,15 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from samedge.errors import ConfigError
+from samedge.experiment.store.lock import lock_holder, wait_unlocked
 from samedge.experiment.sweeps.executors import Executor, executor_class
-from samedge.experiment.sweeps.spec import SweepPoint, record_status, run_state, write_sweep_csv
+from samedge.experiment.sweeps.point import EXIT_BAD_INPUT, EXIT_BUG, EXIT_ENVIRONMENT, failed
+from samedge.experiment.sweeps.spec import SweepPoint, point_state, record_status, write_sweep_csv
 
 __all__ = ["run_sweep", "make_executor", "SweepOutcome"]
 
@@ -30,9 +39,20 @@ class SweepOutcome:
     statuses: dict[str, str]
     skipped: int
     wall_s: float
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(1 for s in self.statuses.values() if s == status)
+
+    def exit_code(self) -> int:
+        """As ``samedge run`` would exit for the worst point: 1 a samedge bug, 4 the environment
+        refused, 2 bad input, else 0 (every run finished or diverged)."""
+        if self.count("error"):
+            return EXIT_BUG
+        codes = {o.get("exit", EXIT_BAD_INPUT) for o in self.outcomes.values() if o.get("status") == "failed"}
+        if EXIT_ENVIRONMENT in codes:
+            return EXIT_ENVIRONMENT
+        return EXIT_BAD_INPUT if self.count("failed") else 0
 
 
 class _Progress:
@@ -57,6 +77,11 @@ class _Progress:
 
     def started(self, n: int = 1) -> None:
         self.running += n
+        self._postfix()
+
+    def left(self) -> None:
+        """A started run turned out to be another process's."""
+        self.running = max(0, self.running - 1)
         self._postfix()
 
     def done(self, name: str, status: str) -> None:
@@ -104,46 +129,87 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run every point of ``points`` that is not finished into ``out/<name>``; keeps
     ``status.json`` and ``sweep.csv`` up to date after each run.  ``executor`` is a name of the
-    registry (with ``address``/``cpus`` for ``ray``) or an executor built already."""
+    registry (with ``address``/``cpus`` for ``ray``) or an executor built already; ``threads``
+    are the torch threads of points whose settings do not say (recorded by an earlier samedge).
+    Points another process is running are waited for at the end, then finished here if needed."""
+    if threads < 1:
+        raise ConfigError(f"--threads-per-run must be >= 1, got {threads}")
     if isinstance(executor, str):
         options = {"address": address, "cpus": cpus} if executor == "ray" else {}
         executor = make_executor(executor, **options)
-    if threads < 1:
-        raise ConfigError(f"--threads-per-run must be >= 1, got {threads}")
     started = time.perf_counter()
     out = out.resolve()  # workers elsewhere may not share the driver's working directory
     statuses: dict[str, str] = {}
+    outcomes: dict[str, dict[str, Any]] = {}
     todo: list[SweepPoint] = []
+    elsewhere: list[SweepPoint] = []  # being run by another process: waited for at the end
     for p in points:
         if p.config is None:
-            record_status(out, p.name, {"status": "failed", "reason": p.error})
-            statuses[p.name] = "failed"
+            statuses[p.name], outcomes[p.name] = "failed", failed(str(p.error))
             continue
-        state = run_state(out / p.name)
-        if state in ("done", "diverged"):
-            statuses[p.name] = state
+        state = point_state(out / p.name, p.settings())
+        if state.state in ("done", "diverged"):
+            statuses[p.name] = state.state
+            record_status(out, p.name, None)  # an earlier failure's record ends with the run
+        elif state.state == "damaged":
+            statuses[p.name], outcomes[p.name] = "failed", failed(state.reason)
+            record_status(out, p.name, None)  # the run directory itself says why
+        elif state.state == "running":
+            elsewhere.append(p)
         else:
             todo.append(p)
-    skipped = len(statuses)
+    skipped = sum(1 for s in statuses.values() if s in ("done", "diverged"))
     write_sweep_csv(out, points)
-    bar = _Progress(len(points), skipped, progress)
+    bar = _Progress(len(points), len(statuses), progress)
+
+    def settle(p: SweepPoint, outcome: dict[str, Any]) -> None:
+        nonlocal skipped
+        skipped += bool(outcome.get("skipped"))  # finished meanwhile by another process
+        status = outcome["status"]
+        statuses[p.name], outcomes[p.name] = status, outcome
+        record_status(out, p.name, outcome if status in ("failed", "error") else None)
+        write_sweep_csv(out, points)
+        bar.done(p.name, status)
+        if on_done is not None:
+            on_done(p.name, outcome)
 
     class _Reporter:
         def started(self, n: int = 1) -> None:
             bar.started(n)
 
         def finished(self, p: SweepPoint, outcome: dict[str, Any]) -> None:
-            status = outcome["status"]
-            statuses[p.name] = status
-            record_status(out, p.name, outcome if status in ("failed", "error") else None)
-            write_sweep_csv(out, points)
-            bar.done(p.name, status)
-            if on_done is not None:
-                on_done(p.name, outcome)
+            if outcome["status"] == "running":  # another process took it first
+                elsewhere.append(p)
+                bar.left()
+            else:
+                settle(p, outcome)
 
     try:
-        executor.run(out, todo, threads, progress, _Reporter())
+        pending = todo
+        while pending or elsewhere:
+            if pending:
+                executor.run(out, pending, threads, progress, _Reporter())
+            pending = []
+            waiting, elsewhere[:] = list(elsewhere), []
+            for p in waiting:
+                holder = lock_holder(out / p.name)
+                if holder is not None:
+                    print(
+                        f"sweep: {p.name} is being run by another process (pid {holder}); waiting for it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    wait_unlocked(out / p.name)
+                state = point_state(out / p.name, p.settings())
+                if state.state in ("done", "diverged"):
+                    settle(p, {"status": state.state, "reason": "", "skipped": True})
+                elif state.state == "damaged":
+                    settle(p, failed(state.reason))
+                elif state.state == "running":  # taken again at once: wait once more
+                    elsewhere.append(p)
+                else:  # that process stopped before the end: finish the point here
+                    pending.append(p)
     finally:
         bar.close()
         write_sweep_csv(out, points)
-    return SweepOutcome(statuses, skipped, time.perf_counter() - started)
+    return SweepOutcome(statuses, skipped, time.perf_counter() - started, outcomes)

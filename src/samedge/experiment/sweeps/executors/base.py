@@ -49,5 +49,6 @@ class Executor:
         """Refuse (:class:`~samedge.errors.ConfigError`) what cannot work, before anything is written."""
 
     def run(self, out: Path, points: Sequence[SweepPoint], threads: int, progress: bool, reporter: Reporter) -> None:
-        """Run ``points`` into ``out/<name>`` with ``threads`` torch threads each; report each outcome."""
+        """Run ``points`` into ``out/<name>``, each on its ``threads`` setting (``threads`` torch threads
+        for a point recorded without one); report each outcome."""
         raise NotImplementedError

@@ -2,7 +2,8 @@
 
 Ray retries a task only when its worker process died (Ray's ``max_retries`` counts system
 failures, never exceptions raised by the task); the retried task resumes from the run's last
-checkpoint.  Each task asks Ray for ``threads`` CPUs and runs with that many torch threads.
+checkpoint.  Each task asks Ray for its point's ``threads`` CPUs and runs with that many torch
+threads.
 """
 
 from __future__ import annotations
@@ -65,14 +66,20 @@ class RayExecutor(Executor):
                 ray.init(num_cpus=self.cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=progress)
             started_here = True
         try:
-            task = ray.remote(execute_point).options(
-                num_cpus=threads,
-                max_retries=RAY_MAX_RETRIES,
-                retry_exceptions=False,
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
-            )
-            pending = {task.remote(p.settings(), str(out / p.name), threads, progress): p for p in points}
-            slots = max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
+            task = ray.remote(execute_point)
+
+            def submit(p: SweepPoint):
+                n = (p.config.threads if p.config is not None else None) or threads  # the point's own
+                return task.options(
+                    num_cpus=n,
+                    max_retries=RAY_MAX_RETRIES,
+                    retry_exceptions=False,
+                    runtime_env={"env_vars": {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}},
+                ).remote(p.settings(), str(out / p.name), n, progress)
+
+            pending = {submit(p): p for p in points}
+            most = max((p.config.threads or threads) if p.config is not None else threads for p in points)
+            slots = max(1, int(ray.cluster_resources().get("CPU", 1) // most))
             reporter.started(min(slots, len(pending)))
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
