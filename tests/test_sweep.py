@@ -343,7 +343,7 @@ def test_claims_are_checked_against_the_numbers():
     assert "2 of 2 SAM runs track" in claims["tracks"].evidence
     # at equal training loss SAM's sharpness is a small fraction of GD's, parting at the second reading (step 10)
     assert "step 10" in claims["flatter_early"].evidence
-    assert "SAM minus GD -0.045 (-0.05--0.04 over 2)" in claims["test"].evidence
+    assert "SAM minus GD -0.045 (-0.05 to -0.04, n=2)" in claims["test"].evidence
     # a SAM run that never reaches its edge and a GD run below 2/eta: the claims fail or are not tested, with numbers
     flat = _fake_run("flat", "sam", 0.1, 0.1, [1.0] * 6, edge, [1] * 6, test_error=0.3)
     low = _fake_run("low", "gd", 0.1, 0.0, [1.0] * 6, [20.0] * 6, [1] * 6, test_error=0.2)

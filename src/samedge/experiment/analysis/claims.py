@@ -67,14 +67,14 @@ def _num(x: object) -> float | None:
 
 
 def _spread(values: Sequence[float], spec: str = ".3g") -> str:
-    """``median (min-max over n)`` of ``values``."""
+    """``median (min to max, n)`` of ``values``."""
     vals = sorted(v for v in values if math.isfinite(v))
     if not vals:
         return "n/a"
     med = statistics.median(vals)
     if len(vals) == 1:
         return format(med, spec)
-    return f"{med:{spec}} ({vals[0]:{spec}}-{vals[-1]:{spec}} over {len(vals)})"
+    return f"{med:{spec}} ({vals[0]:{spec}} to {vals[-1]:{spec}}, n={len(vals)})"
 
 
 def _tail(run: ComparedRun, column: str = "sharpness_over_edge") -> list[dict]:
