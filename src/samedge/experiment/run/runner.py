@@ -504,6 +504,10 @@ def _step_row(
 ) -> dict[str, Any]:
     """One row of ``steps.csv``: the secant estimate at ``w_t`` where it passes the residual rule."""
     est = secants.observe(params, grad, direction, grad_norm=g_norm)
+    if method.preconditioned:
+        # a gradient-difference secant sees H along one direction, not the preconditioned operator the
+        # threshold bounds (P changes every step): no per-step estimate for adam, adamw, rmsprop
+        est = None
     return {
         "step": step,
         "train_loss": loss,
