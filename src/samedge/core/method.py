@@ -146,6 +146,7 @@ class Method:
         sam = isinstance(optimizer, SAM)
         inner = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
         name = type(inner).__name__
+        keys: tuple[str, ...]
         if inner is None:
             base, keys = "sgd", ("lr", "momentum")
         elif type(inner) in _TORCH_BASES:
@@ -167,7 +168,7 @@ class Method:
             raise ValueError(
                 f"the optimizer's param groups differ in {', '.join(watched[:-1])}: one edge does not apply"
             )
-        values = dict(zip(watched, settings.pop()))
+        values: dict[str, Any] = dict(zip(watched, settings.pop()))
         if values["lr"] is None:
             raise ValueError(f"{name} has no lr: no edge")
         hyper: dict[str, Any] = {}

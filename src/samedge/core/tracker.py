@@ -197,8 +197,7 @@ class SharpnessTracker:
         if len(steps) != 1:
             raise ValueError(f"the parameters' Adam steps differ ({sorted(steps)}): one preconditioner does not apply")
         rule = method.rule
-        state = {"exp_avg_sq" if key == "exp_avg_sq" else "square_avg": tuple(st[key] for st in states)}
-        state["step"] = steps.pop()
+        state: dict[str, Any] = {key: tuple(st[key] for st in states), "step": steps.pop()}
         P = rule.preconditioner(state)
         return None if P is None else tuple(p.detach().to(q.dtype) for p, q in zip(P, params))
 
