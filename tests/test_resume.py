@@ -164,13 +164,15 @@ def test_resume_of_a_run_written_before_newer_settings(tmp_path):
     assert main([*args, "--out", str(ref)]) == 0
     run_interrupted(args, out, 3)
     saved = json.loads((out / "config.json").read_text())
-    for key in ("vocab", "eval_batch_size", "threads"):
+    newer = ("vocab", "eval_batch_size", "base", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps")
+    newer += ("alpha", "threads")
+    for key in newer:
         del saved["config"][key]
     (out / "config.json").write_text(json.dumps(saved))
     checkpoint = as_earlier_samedge(torch.load(out / "checkpoint.pt", weights_only=True))
-    for key in ("vocab", "eval_batch_size", "threads"):
+    for key in newer:
         del checkpoint["config"][key]
-    for key in ("eval_solver", "digest", "metrics"):  # format 1 had no digest and no metrics rows
+    for key in ("eval_solver", "digest", "metrics", "adaptive_solvers"):  # format 1 had no digest, no metrics rows
         del checkpoint[key]
     checkpoint["format"] = 1
     torch.save(checkpoint, out / "checkpoint.pt")

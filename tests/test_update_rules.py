@@ -33,12 +33,12 @@ def grad_at(model, params, x, y):
 
 
 def test_the_registry_holds_sgd():
-    assert "sgd" in UPDATE_RULES and list(UPDATE_RULES) == ["sgd"]
+    assert "sgd" in UPDATE_RULES and list(UPDATE_RULES)[0] == "sgd"
     assert UPDATE_RULES["sgd"] is HeavyBallSGD and issubclass(HeavyBallSGD, UpdateRule)
-    assert dict(UPDATE_RULES) == {"sgd": HeavyBallSGD}
+    assert dict(UPDATE_RULES)["sgd"] is HeavyBallSGD
     assert all(UPDATE_RULES[name].name == name for name in UPDATE_RULES)
-    with pytest.raises(KeyError, match="unknown update rule 'adam'; known: sgd"):
-        UPDATE_RULES["adam"]
+    with pytest.raises(KeyError, match="unknown update rule .lbfgs.; known: sgd, adam"):
+        UPDATE_RULES["lbfgs"]
 
 
 def test_heavy_ball_sgd_knows_its_edge_state_and_preconditioner():

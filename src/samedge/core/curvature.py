@@ -11,7 +11,7 @@ relative-change rule), never warm-started, for comparison only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -62,7 +62,14 @@ class HessianEigensolver:
         self.generator = torch.Generator().manual_seed(seed)
         self.previous: Tensor | None = None
 
-    def __call__(self, objective: Objective, params: Sequence[Tensor]) -> EigenResult:
+    def __call__(
+        self,
+        objective: Objective,
+        params: Sequence[Tensor],
+        transform: Callable[[LinearOperator], LinearOperator] | None = None,
+    ) -> EigenResult:
+        """Top eigenpairs of the Hessian at ``params``, or of ``transform(H)`` (an operator built
+        from the Hessian's, e.g. the preconditioned ``P^-1/2 H P^-1/2``; lanczos, eigsh, power)."""
         params = tuple(params)
         operator: LinearOperator
         if self.method == "paper":
@@ -76,6 +83,8 @@ class HessianEigensolver:
         else:
             # every product after the first reuses the gradient graph (released below)
             operator = objective.hvp_operator(params)
+            if transform is not None:
+                operator = transform(operator)
             solver = SOLVERS[self.method]
         keep: dict[str, Any] = {"keep": self.block} if self.block > self.k else {}  # lanczos only
         try:

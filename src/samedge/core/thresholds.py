@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["gd_edge", "momentum_edge", "sam_edge", "usam_edge"]
+__all__ = ["gd_edge", "momentum_edge", "sam_edge", "usam_edge", "sam_edge_from"]
 
 
 def _check(name: str, value: float, *, positive: bool = False) -> float:
@@ -69,7 +69,14 @@ def sam_edge(eta: float, rho: float, grad_norm: float, momentum: float = 0.0) ->
     gives 0, the limit of the formula (any curvature is unstable when the perturbation is a
     full ``rho`` step along a vanishing gradient).
     """
-    c = momentum_edge(eta, momentum)
+    return sam_edge_from(momentum_edge(eta, momentum), rho, grad_norm)
+
+
+def sam_edge_from(c: float, rho: float, grad_norm: float) -> float:
+    """The largest ``lam`` with ``lam (1 + rho lam / ||g||) <= c``: ``2 c / (1 + sqrt(1 + 4 rho c / ||g||))``
+    (SAM over a base whose edge on the Hessian is ``c``; USAM: ``grad_norm = 1``).  ``rho = 0``
+    gives ``c``; ``grad_norm = 0`` with ``rho > 0`` gives 0."""
+    c = _check("edge", c)
     rho = _check("rho", rho)
     grad_norm = _check("grad_norm", grad_norm)
     if rho == 0.0:

@@ -2,7 +2,7 @@
 
     tracker = SharpnessTracker(model, loss_fn, (x, y))         # any nn.Module, any loss
     m = tracker.measure(eta=0.1, rho=0.05, optimizer="sam")     # at the model's current weights
-    m = tracker.measure(optimizer=opt)                          # the method a samedge.SAM / SGD runs
+    m = tracker.measure(optimizer=opt)                          # SGD, Adam, AdamW, RMSprop or SAM over one
     m = tracker.measure(eta=0.1, batch=(xb, yb))                # on a new minibatch
     m.sharpness, m.edge, m.sharpness_over_edge, m.grad_alignment
 
@@ -90,6 +90,8 @@ class SharpnessTracker:
         self.distributed, self.process_group = distributed, process_group
         self.objective = self._objective(data)
         self.solver = HessianEigensolver(k=k, method=method, tol=tol, max_iter=max_iter, seed=seed)
+        self._seed = seed
+        self._adaptive_solvers: dict[str, HessianEigensolver] = {}
         # the seeds of the readings (random layers), apart from the eigen-solver's start vectors
         self._seeds = torch.Generator().manual_seed(seed + 0x5EED)
 
@@ -122,15 +124,24 @@ class SharpnessTracker:
         optimizer: str | torch.optim.Optimizer | None = None,
         momentum: float | None = None,
         batch: Batch | Sequence[Batch] | None = None,
+        preconditioner: Sequence[Tensor] | None = None,
     ) -> Measurement:
         """Sharpness, gradient norm, edges and alignments at the model's current parameters.
 
         The method is ``method`` (a :class:`Method`), or ``optimizer`` ("sam", "usam", "gd"; the
-        default "sam") with ``eta``, ``rho`` and ``momentum``, or ``optimizer`` a ``samedge.SAM``
-        or ``torch.optim.SGD`` whose hyperparameters give the edge.  ``batch`` measures on that
-        data instead of the tracker's (the eigen-solver's warm start is kept).  Everything is
-        checked before any work."""
+        default "sam") with ``eta``, ``rho`` and ``momentum``, or ``optimizer`` a ``torch.optim``
+        ``SGD``, ``Adam``, ``AdamW``, ``RMSprop`` or a ``samedge.SAM`` over one of them, whose
+        hyperparameters give the edge and whose state gives an adaptive base's preconditioner
+        (Adam's ``exp_avg_sq`` and ``step``; RMSprop's ``square_avg``).  For an adaptive base the
+        reading also has ``preconditioned_sharpness`` (and ``effective_sharpness`` for SAM/USAM),
+        and ``sharpness_over_edge`` compares that with the base's threshold; ``preconditioner``
+        gives P by hand (one tensor per measured parameter) where no optimizer is passed.
+        ``batch`` measures on that data instead of the tracker's (the eigen-solvers' warm starts
+        are kept).  Everything is checked before any work."""
         method = self._method(method, eta, rho, optimizer, momentum)
+        torch_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        if preconditioner is not None and torch_optimizer is not None:
+            raise ValueError("pass preconditioner= or an optimizer whose state gives it, not both")
         objective = self.objective if batch is None else self._objective(batch, "batch")
         # the reading's seed (on the local objective of a sharded one: the one that calls the model)
         getattr(objective, "local", objective).seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
@@ -146,7 +157,59 @@ class SharpnessTracker:
         if objective.unused:
             objective, params, grad = self._leave_out(objective, params, grad)
         sam_grad = method.direction(objective.grad, params, grad)
-        return measure(objective, params, grad, sam_grad, self.solver, method=method, check_repeat=True)
+        P: Sequence[Tensor] | None = None
+        if method.preconditioned:
+            if torch_optimizer is not None:
+                P = self._optimizer_preconditioner(torch_optimizer, method, objective.names, params)
+            elif preconditioner is not None:
+                P = tuple(preconditioner)
+                if len(P) != len(params) or any(p.shape != q.shape for p, q in zip(P, params)):
+                    raise ValueError("preconditioner must hold one tensor shaped like each measured parameter")
+        return measure(
+            objective,
+            params,
+            grad,
+            sam_grad,
+            self.solver,
+            method=method,
+            check_repeat=True,
+            preconditioner=P,
+            preconditioned_solver=self._adaptive("preconditioned"),
+            effective_solver=self._adaptive("effective"),
+        )
+
+    def _adaptive(self, name: str) -> HessianEigensolver:
+        """The warm solver of the preconditioned (seed + 5) or effective (seed + 6) reading."""
+        if name not in self._adaptive_solvers:
+            main = self.solver
+            offset = 5 if name == "preconditioned" else 6
+            self._adaptive_solvers[name] = HessianEigensolver(
+                k=1, method=main.method, tol=main.tol, max_iter=main.max_iter, seed=self._seed + offset
+            )
+        return self._adaptive_solvers[name]
+
+    def _optimizer_preconditioner(
+        self, optimizer: torch.optim.Optimizer, method: Method, names: Sequence[str], params: Sequence[Tensor]
+    ) -> tuple[Tensor, ...] | None:
+        """The adaptive base's P from the optimizer's state, in the order of the measured
+        parameters; None before its first step (no state yet)."""
+        inner = getattr(optimizer, "base_optimizer", None) or optimizer
+        named = dict(self.model.named_parameters())
+        states = [inner.state.get(named[name], {}) for name in names]
+        key = "square_avg" if method.base == "rmsprop" else "exp_avg_sq"
+        if not any(states):
+            return None
+        if not all(key in st and "step" in st for st in states):
+            raise ValueError(
+                f"the optimizer has state for some measured parameters but not others: P (its {key}) is incomplete"
+            )
+        steps = {int(st["step"]) for st in states}
+        if len(steps) != 1:
+            raise ValueError(f"the parameters' Adam steps differ ({sorted(steps)}): one preconditioner does not apply")
+        rule = method.rule
+        state: dict[str, Any] = {key: tuple(st[key] for st in states), "step": steps.pop()}
+        P = rule.preconditioner(state)
+        return None if P is None else tuple(p.detach().to(q.dtype) for p, q in zip(P, params))
 
     def _leave_out(self, objective: Objective, params, grad):
         """Drop the parameters the loss does not use (said once); ``params`` and ``grad`` follow."""
@@ -184,7 +247,9 @@ class SharpnessTracker:
                 raise ValueError(f"optimizer= an optimizer object gives the method; do not pass {', '.join(keywords)}")
             return Method.from_optimizer(optimizer)
         if eta is None:
-            raise ValueError("measure needs eta (or method=Method(...), or optimizer= a SAM or SGD optimizer)")
+            raise ValueError(
+                "measure needs eta (or method=Method(...), or optimizer= a torch.optim or samedge.SAM optimizer)"
+            )
         return Method(optimizer if optimizer is not None else "sam", eta, rho or 0.0, momentum or 0.0)
 
     # Beyond the top eigenvalue (samedge.core.spectrum): the probes come from one generator,

@@ -30,10 +30,18 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_WORKER_LOST, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
 
 _HELP = {
-    "optimizer": "gd, sam or usam",
+    "optimizer": "the perturbation: gd (none), sam or usam",
+    "base": "the update rule the perturbed gradient drives: sgd (default), adam, adamw or rmsprop",
+    "dampening": "sgd: momentum dampening in [0, 1) (torch.optim.SGD's)",
+    "nesterov": "sgd: Nesterov momentum",
+    "weight_decay": "weight decay (coupled L2 for sgd, adam, rmsprop; decoupled for adamw)",
+    "beta1": "adam, adamw: first-moment coefficient (its momentum)",
+    "beta2": "adam, adamw: second-moment coefficient",
+    "eps": "adam, adamw, rmsprop: denominator epsilon",
+    "alpha": "rmsprop: smoothing constant of the squared-gradient average",
     "eta": "step size",
     "rho": "SAM radius (0 for gd)",
-    "momentum": "heavy-ball momentum beta in [0, 1)",
+    "momentum": "momentum in [0, 1) (sgd: heavy-ball, rmsprop: its momentum; adam uses --beta1)",
     "steps": "number of optimizer steps",
     "batch_size": "minibatch size (default: full batch)",
     "vocab": "shakespeare: 'text' (the file's distinct characters) or 'ascii' (all 128, as the paper code)",
@@ -166,7 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--eta", type=float, required=True)
     edge.add_argument("--rho", type=float, default=0.0)
     edge.add_argument("--grad-norm", type=float, default=None, help="||g|| (needed for the SAM-edge)")
-    edge.add_argument("--momentum", type=float, default=0.0)
+    edge.add_argument("--momentum", type=float, default=0.0, help=_HELP["momentum"])
+    edge.add_argument("--base", default="sgd", help=_HELP["base"])
+    edge.add_argument("--dampening", type=float, default=0.0, help=_HELP["dampening"])
+    edge.add_argument("--nesterov", action="store_true", help=_HELP["nesterov"])
+    edge.add_argument("--weight-decay", type=float, default=0.0, help=_HELP["weight_decay"])
+    edge.add_argument("--beta1", type=float, default=0.9, help=_HELP["beta1"])
+    edge.add_argument("--beta2", type=float, default=0.999, help=_HELP["beta2"])
+    edge.add_argument("--eps", type=float, default=1e-8, help=_HELP["eps"])
+    edge.add_argument("--alpha", type=float, default=0.99, help=_HELP["alpha"])
     edge.add_argument("--json", action="store_true", help="print JSON")
 
     sw = sub.add_parser("sweep", help="run a grid or list of runs into one sweep directory; writes sweep.csv")
@@ -346,10 +362,23 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_edge(args: argparse.Namespace) -> int:
     from samedge.core.method import METHOD_KINDS, Method
 
-    out = {}
+    out: dict = {}
+    hyper = dict(
+        base=args.base,
+        dampening=args.dampening,
+        nesterov=args.nesterov,
+        weight_decay=args.weight_decay,
+        beta1=args.beta1,
+        beta2=args.beta2,
+        eps=args.eps,
+        alpha=args.alpha,
+    )
     try:
         for kind in METHOD_KINDS:
-            method = Method(kind, args.eta, args.rho if Method.takes_rho(kind) else 0.0, args.momentum)
+            method = Method(kind, args.eta, args.rho if Method.takes_rho(kind) else 0.0, args.momentum, **hyper)
+            if method.preconditioned:  # one threshold, on the preconditioned (effective) sharpness
+                out[f"{kind}_edge"] = method.threshold
+                continue
             if method.normalized and args.grad_norm is None and args.rho > 0:
                 raise ConfigError(f"--grad-norm is needed for the {method.edge_name} when --rho > 0")
             out[f"{kind}_edge"] = method.edge(0.0 if args.grad_norm is None else args.grad_norm)
@@ -357,14 +386,29 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         raise
     except ValueError as err:  # the method refuses the values typed: bad input
         raise ConfigError(str(err)) from None
+    if args.base != "sgd":
+        out["threshold"] = out["gd_edge"]
+        out["compared_with"] = {
+            "gd": "top eigenvalue of P^-1/2 (H + lambda I) P^-1/2 (the preconditioned sharpness)",
+            "sam": f"top eigenvalue of P^-1/2 (H + (rho/||g||) H^2 + lambda I) P^-1/2 (rho {args.rho:g})",
+            "usam": f"top eigenvalue of P^-1/2 (H + rho H^2 + lambda I) P^-1/2 (rho {args.rho:g})",
+        }
+    elif args.weight_decay or args.dampening or args.nesterov:
+        out["threshold"] = Method("gd", args.eta, 0.0, args.momentum, **hyper).threshold  # on H + lambda I
     for name, value in out.items():  # numbers leave samedge finite, or not at all
+        if isinstance(value, dict):
+            continue
         if not math.isfinite(value):
             raise ConfigError(f"the {name} for --eta {args.eta:g} is {value} (not a finite number); --eta is too small")
     if args.json:
         print(json.dumps(out, allow_nan=False))
     else:
         for k, v in out.items():
-            print(f"{k:10s} {v:.10g}")
+            if isinstance(v, dict):
+                for kind, what in v.items():
+                    print(f"{kind + ' compares':10s} {what}")
+            else:
+                print(f"{k:10s} {v:.10g}")
     return EXIT_OK
 
 

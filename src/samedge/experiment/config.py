@@ -19,7 +19,7 @@ from typing import Any
 from samedge.core.curvature import METHODS as EIG_METHODS
 from samedge.core.curvature import ONE_EIGENPAIR_METHODS
 from samedge.core.losses import LOSSES
-from samedge.core.method import METHOD_KINDS, Method
+from samedge.core.method import BASES, METHOD_KINDS, Method
 from samedge.core.objective import HVP_MODES
 from samedge.data.cifar10 import SUBSETS
 from samedge.data.shakespeare import VOCABS
@@ -53,6 +53,16 @@ class RunConfig:
     eta: float = 0.1
     rho: float = 0.1
     momentum: float = 0.0
+    # the update rule (base optimizer) and its torch.optim hyperparameters; sgd is the method of
+    # earlier samedge (a config without these keys keeps its meaning)
+    base: str = "sgd"
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    alpha: float = 0.99
     steps: int = 1000
     batch_size: int | None = None  # None: full batch
     eval_batch_size: int | None = None  # minibatch runs: also measure on a fixed batch of this size (0: off)
@@ -105,7 +115,20 @@ class RunConfig:
 
     def method(self) -> Method:
         """The optimizer method of this run."""
-        return Method(self.optimizer, self.eta, self.rho, self.momentum)
+        return Method(
+            self.optimizer,
+            self.eta,
+            self.rho,
+            self.momentum,
+            base=self.base,
+            dampening=self.dampening,
+            nesterov=self.nesterov,
+            weight_decay=self.weight_decay,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            eps=self.eps,
+            alpha=self.alpha,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +141,7 @@ class RunConfig:
 _CHOICES: dict[str, tuple] = {
     "task": tuple(TASKS),
     "optimizer": METHOD_KINDS,
+    "base": BASES,
     "eig_method": tuple(EIG_METHODS),
     "hvp_mode": tuple(HVP_MODES),
     "subset": tuple(SUBSETS),
@@ -132,6 +156,12 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "eta": (0.0, math.inf, False),
     "rho": (0.0, math.inf, True),
     "momentum": (0.0, 1.0, True),
+    "dampening": (0.0, 1.0, True),
+    "weight_decay": (0.0, math.inf, True),
+    "beta1": (0.0, 1.0, True),
+    "beta2": (0.0, 1.0, True),
+    "eps": (0.0, math.inf, False),
+    "alpha": (0.0, 1.0, True),
     "steps": (0, math.inf, True),
     "batch_size": (1, math.inf, True),
     "eval_batch_size": (0, math.inf, True),
@@ -236,7 +266,8 @@ def from_mapping(values: dict[str, Any], where: str = "config") -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown {where} key '{unknown[0]}'; allowed keys: {', '.join(sorted(known))}")
     values = dict(values)
-    for name in ("eta", "rho", "momentum", "eig_tol"):  # TOML writes 1 for 1.0
+    floats = ("eta", "rho", "momentum", "eig_tol", "dampening", "weight_decay", "beta1", "beta2", "eps", "alpha")
+    for name in floats:  # TOML writes 1 for 1.0
         if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
             values[name] = float(values[name])
     for name in ("data",):

@@ -10,6 +10,7 @@ be kept (a checkpoint at a step boundary holds references, not copies).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from samedge.core.params import Params
 
-__all__ = ["UpdateRule", "RuleState"]
+__all__ = ["UpdateRule", "RuleState", "check_hyperparameter"]
 
 #: A rule's state: named entries, each a tuple of tensors shaped like the parameters (a velocity,
 #: a moment), a single tensor or a Python number (a step count).  ``{}`` for a stateless rule.
@@ -36,6 +37,8 @@ class UpdateRule(ABC):
     """
 
     name: ClassVar[str]
+    #: whether the edge is measured on a preconditioned Hessian (:meth:`preconditioner`)
+    preconditioned: ClassVar[bool] = False
 
     @abstractmethod
     def init(self, params: Sequence[Tensor]) -> RuleState:
@@ -54,8 +57,17 @@ class UpdateRule(ABC):
 
     @abstractmethod
     def threshold(self) -> float:
-        """The edge of stability of this rule's step: the largest (preconditioned) curvature along
-        which the step is stable on a quadratic, without SAM's perturbation."""
+        """The edge of stability of this rule's step: the largest eigenvalue of its curvature
+        operator ``P^-1/2 (J + coupled_decay I) P^-1/2`` (``J`` the Jacobian of the direction, the
+        Hessian without SAM's perturbation; ``P = I`` without a preconditioner) at which the
+        linearised step is stable on a quadratic."""
+
+    def coupled_decay(self) -> float:
+        """The weight decay the rule adds to the direction (``d + lambda w``, coupled L2 decay, as
+        ``torch.optim.SGD``/``Adam``/``RMSprop`` apply it): it shifts the curvature operator by
+        ``lambda I``.  0 without one, and for decoupled decay (AdamW), which :meth:`threshold`
+        accounts for instead."""
+        return 0.0
 
     def state_dict(self, state: RuleState) -> dict[str, Any]:
         """``state`` in a form a checkpoint saves (tensor tuples as lists).  The tensors are
@@ -100,3 +112,30 @@ class UpdateRule(ABC):
                     )
                 state[key] = value
         return state
+
+
+def check_hyperparameter(
+    name: str,
+    value: object,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a float, refused with :class:`ValueError` (naming ``name``) unless it is a finite
+    number in the range ``low .. high`` (each end closed unless ``*_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        what = (
+            f"> {low:g}"
+            if high == math.inf and low_open
+            else f">= {low:g}"
+            if high == math.inf
+            else f"in {lo}{low:g}, {high:g}{hi}"
+        )
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value

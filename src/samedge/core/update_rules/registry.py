@@ -17,6 +17,9 @@ __all__ = ["UPDATE_RULES"]
 # name -> "module:Class", the module in this package
 _ENTRIES: dict[str, str] = {
     "sgd": "sgd:HeavyBallSGD",
+    "adam": "adam:Adam",
+    "adamw": "adamw:AdamW",
+    "rmsprop": "rmsprop:RMSprop",
 }
 
 

@@ -134,14 +134,21 @@ def _plot_sharpness(run_dir: Path, rows: list, cfg: RunConfig, title: str) -> li
     )
     for name in extra_eigs:
         ax.plot(steps, _column(rows, name), color="tab:blue", alpha=0.35, lw=0.8, label=rf"$\lambda_{{{name[7:]}}}$")
-    if method.perturbs:
+    adaptive = {  # preconditioned bases: what their threshold bounds (gd_edge/sam_edge are that threshold)
+        "preconditioned_sharpness": r"$\lambda_1(P^{-1/2} H P^{-1/2})$",
+        "effective_sharpness": r"$\lambda_1(P^{-1/2}(H + \frac{\rho}{\|g\|}H^2)P^{-1/2})$",
+    }
+    for name, label in adaptive.items():
+        if name in rows[0]:
+            ax.plot(steps, _column(rows, name), lw=1.0, label=label)
+    if method.perturbs and not method.preconditioned:
         ax.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_edge_label(method))
     ax.plot(
         steps,
         _column(rows, "gd_edge"),
         color="tab:purple",
         ls="--",
-        label=r"$2/\eta$" if not cfg.momentum else r"$(2+2\beta)/\eta$",
+        label="threshold" if method.preconditioned else r"$2/\eta$" if not cfg.momentum else r"$(2+2\beta)/\eta$",
     )
     if "sharpness_perturbed" in rows[0]:
         ax.plot(

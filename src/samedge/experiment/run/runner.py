@@ -87,6 +87,13 @@ class _RunState:
         self.eval = solver(1, cfg.seed + 2) if task.eval_batch is not None else None
         self.spectrum = RunSpectrum(cfg)  # trace/density probes (seeds + 3, + 4)
         self.secants = StepSecants(method, cfg.secant_pairs) if cfg.secant_pairs != 0 else None
+        # preconditioned bases: warm solvers of P^-1/2 H P^-1/2 (seed + 5) and, with SAM/USAM, of
+        # the effective operator P^-1/2 (H + s H^2) P^-1/2 (seed + 6)
+        self.adaptive: dict[str, HessianEigensolver] = {}
+        if method.preconditioned:
+            self.adaptive["preconditioned"] = solver(1, cfg.seed + 5)
+            if method.perturbs:
+                self.adaptive["effective"] = solver(1, cfg.seed + 6)
 
     def train_state(
         self, step: int, params: Params, rule_state: RuleState, elapsed: float, finished: bool = False
@@ -104,6 +111,7 @@ class _RunState:
             eval_solver=self.eval.state_dict() if self.eval else None,
             secant=self.secants.state_dict() if self.secants is not None else None,
             spectrum=self.spectrum.state_dict() if self.spectrum.enabled else None,
+            adaptive_solvers={k: v.state_dict() for k, v in self.adaptive.items()} or None,
         )
 
     def restore(self, state: TrainState, run_dir: Path) -> RuleState:
@@ -122,6 +130,11 @@ class _RunState:
                 raise CheckpointError(f"{run_dir}: the checkpoint has no evaluation-batch solver state")
             self.eval.load_state_dict(state.eval_solver)
         self.spectrum.load_state_dict(state.spectrum, run_dir)
+        for name, solver in self.adaptive.items():
+            saved = (state.adaptive_solvers or {}).get(name)
+            if saved is None:
+                raise CheckpointError(f"{run_dir}: the checkpoint has no state of the {name} sharpness's solver")
+            solver.load_state_dict(saved)
         if self.secants is not None and state.secant is not None:  # a checkpoint from before steps.csv starts empty
             self.secants.load_state_dict(state.secant)
         try:
@@ -229,6 +242,8 @@ class _Training:
             task.test_every_measurement,
             task.eval_batch is not None,
             cfg.trace_every > 0,
+            preconditioned=self.method.preconditioned,
+            effective=self.method.preconditioned and self.method.perturbs,
         )
         self.density_writer = (
             DensityWriter(run_dir, self.opened.step if resume else None) if cfg.density_every and self.writer else None
@@ -364,7 +379,15 @@ class _Training:
         cfg, objective = self.cfg, point.objective
         tick = time.perf_counter()
         row, m = _measurement_row(
-            cfg, self.task, self.method, self.run_state, objective, self.params, point.ev, point.direction
+            cfg,
+            self.task,
+            self.method,
+            self.run_state,
+            objective,
+            self.params,
+            point.ev,
+            point.direction,
+            self.rule.preconditioner(self.rule_state),
         )
         row["step"] = step
         if cfg.trace_every:
@@ -436,8 +459,10 @@ def _measurement_row(
     params: Params,
     ev: Evaluation,
     direction: Params,
+    preconditioner: Params | None = None,
 ) -> tuple[dict[str, Any], Measurement]:
-    """One row of ``metrics.csv`` at ``w_t`` (its ``elapsed_s`` is set by the caller)."""
+    """One row of ``metrics.csv`` at ``w_t`` (its ``elapsed_s`` is set by the caller);
+    ``preconditioner``: the rule's P in its state at ``w_t`` (preconditioned bases)."""
     assert ev.grad is not None
     perturbed = method.ascent_point(params, ev.grad) if cfg.measure_perturbed else None
     m = measure(
@@ -449,10 +474,13 @@ def _measurement_row(
         method=method,
         perturbed_params=perturbed,
         perturbed_solver=solvers.perturbed,
+        preconditioner=preconditioner,
+        preconditioned_solver=solvers.adaptive.get("preconditioned"),
+        effective_solver=solvers.adaptive.get("effective"),
     )
     row = _row(ev, m, cfg.eig_k)
     if solvers.eval is not None and task.eval_batch is not None:
-        row.update(_eval_columns(task.eval_batch, params, solvers.eval, method))
+        row.update(_eval_columns(task.eval_batch, params, solvers.eval, method, preconditioner))
     if task.test_every_measurement:
         test = task.test.evaluate(params)
         row.update(test_loss=test.loss, test_accuracy=test.accuracy)
@@ -481,6 +509,10 @@ def _step_row(
 ) -> dict[str, Any]:
     """One row of ``steps.csv``: the secant estimate at ``w_t`` where it passes the residual rule."""
     est = secants.observe(params, grad, direction, grad_norm=g_norm)
+    if method.preconditioned:
+        # a gradient-difference secant sees H along one direction, not the preconditioned operator the
+        # threshold bounds (P changes every step): no per-step estimate for adam, adamw, rmsprop
+        est = None
     return {
         "step": step,
         "train_loss": loss,
@@ -491,11 +523,14 @@ def _step_row(
     }
 
 
-def _eval_columns(batch: Objective, params: Params, solver: HessianEigensolver, method: Method) -> dict[str, Any]:
-    """Sharpness and edge on the fixed evaluation batch (its own gradient norm, warm-started solver)."""
+def _eval_columns(
+    batch: Objective, params: Params, solver: HessianEigensolver, method: Method, preconditioner: Params | None
+) -> dict[str, Any]:
+    """Sharpness and edge on the fixed evaluation batch (its own gradient norm, warm-started solver;
+    a preconditioned base's readings with the training state's P, from the same solver)."""
     ev = batch.loss_and_grad(params)
     assert ev.grad is not None
-    m = measure(batch, params, ev.grad, ev.grad, solver, method=method)
+    m = measure(batch, params, ev.grad, ev.grad, solver, method=method, preconditioner=preconditioner)
     return {
         "eval_sharpness": m.sharpness,
         "eval_grad_norm": m.grad_norm,
@@ -526,6 +561,10 @@ def _row(ev: Evaluation, m: Measurement, eig_k: int) -> dict[str, Any]:
     }
     for i in range(2, eig_k + 1):
         row[f"lambda_{i}"] = m.eigenvalues[i - 1] if len(m.eigenvalues) >= i else None
+    if m.preconditioned_sharpness is not None:
+        row.update(preconditioned_sharpness=m.preconditioned_sharpness, preconditioned_hvps=m.preconditioned_hvps)
+    if m.effective_sharpness is not None:
+        row.update(effective_sharpness=m.effective_sharpness, effective_hvps=m.effective_hvps)
     return row
 
 

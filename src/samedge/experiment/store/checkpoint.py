@@ -75,6 +75,8 @@ class TrainState:
     steps: str | None = None  # steps.csv before ``step`` (None: none written, or an earlier samedge)
     note: str | None = None  # what loading had to do (a fallback to the previous checkpoint)
     rule: str = _LEGACY_RULE  # the update rule's name in UPDATE_RULES (an earlier samedge: heavy-ball "sgd")
+    #: preconditioned bases: the warm solvers of the preconditioned and effective readings, by name
+    adaptive_solvers: dict | None = None
 
 
 def content_digest(obj: Any) -> str:
@@ -130,6 +132,9 @@ def save_checkpoint(
         "steps": steps if steps is not None else state.steps,
         "secant": _tensors_to(state.secant, device="cpu"),
         "spectrum": _to_cpu(state.spectrum),
+        "adaptive_solvers": None
+        if state.adaptive_solvers is None
+        else {k: _to_cpu(v) for k, v in state.adaptive_solvers.items()},
     }
     payload["digest"] = content_digest(payload)
     buffer = io.BytesIO()
@@ -302,6 +307,9 @@ def _state(path: Path, payload: dict, config: dict[str, Any], like: Params, devi
         secant=_place_secant(payload.get("secant"), device, dtype),
         spectrum=payload.get("spectrum"),
         steps=steps if isinstance(steps, str) else None,
+        adaptive_solvers=None
+        if payload.get("adaptive_solvers") is None
+        else {k: place_solver(v) for k, v in payload["adaptive_solvers"].items()},
     )
 
 

@@ -61,8 +61,10 @@ class RunDir:
 
     @classmethod
     def default_for(cls, cfg: RunConfig) -> RunDir:
-        """``runs/<task>-<optimizer>-eta<eta>[-rho<rho>]-seed<seed>``: where a run goes without ``--out``."""
+        """``runs/<task>-<optimizer>[-<base>]-eta<eta>[-rho<rho>]-seed<seed>`` (the base unless sgd): where a run goes without ``--out``."""
         tag = f"{cfg.task}-{cfg.optimizer}-eta{cfg.eta:g}"
+        if cfg.base != "sgd":  # runs of earlier samedge (sgd) keep their names
+            tag = f"{cfg.task}-{cfg.optimizer}-{cfg.base}-eta{cfg.eta:g}"
         if cfg.method().perturbs:
             tag += f"-rho{cfg.rho:g}"
         return cls(Path("runs") / f"{tag}-seed{cfg.seed}")

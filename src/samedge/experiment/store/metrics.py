@@ -58,9 +58,19 @@ def base_columns(
     test_each_measurement: bool = False,
     eval_batch: bool = False,
     trace: bool = False,
+    *,
+    preconditioned: bool = False,
+    effective: bool = False,
 ) -> list[str]:
+    """The columns of ``metrics.csv``.  A preconditioned base (adam, adamw, rmsprop) adds
+    ``preconditioned_sharpness`` (and, with SAM/USAM, ``effective_sharpness``) after ``sharpness``
+    and their HVP counts; ``gd_edge`` and ``sam_edge`` are then the threshold on that quantity."""
     cols = ["step", "train_loss", "train_accuracy", "grad_norm", "sharpness"]
     cols += [f"lambda_{i}" for i in range(2, eig_k + 1)]
+    if preconditioned:
+        cols.append("preconditioned_sharpness")
+    if effective:
+        cols.append("effective_sharpness")
     cols += ["gd_edge", "sam_edge", "sharpness_over_edge", "grad_alignment", "sam_grad_alignment"]
     if measure_perturbed:
         cols.append("sharpness_perturbed")
@@ -70,7 +80,12 @@ def base_columns(
         cols += EVAL_COLUMNS
     if trace:
         cols += ["trace", "trace_stderr", "trace_hvps"]
-    cols += ["eig_residual", "eig_bound", "eig_converged", "hvps", "elapsed_s"]
+    cols += ["eig_residual", "eig_bound", "eig_converged", "hvps"]
+    if preconditioned:
+        cols.append("preconditioned_hvps")
+    if effective:
+        cols.append("effective_hvps")
+    cols.append("elapsed_s")
     return cols
 
 
