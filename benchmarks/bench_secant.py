@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from _report import machine, publish
 
-from samedge.experiment import build_config, read_metrics, run
+from samedge.experiment import build_config, read_metrics
+from samedge.experiment import run_experiment as run
 
 
 def compare(run_dir: Path) -> dict:

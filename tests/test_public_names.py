@@ -26,6 +26,12 @@ def test_every_public_name_resolves_to_the_core_object():
         assert getattr(samedge, name) is getattr(samedge.core, name)
 
 
-def test_the_experiment_face_resolves_every_name():
+def test_the_experiment_face_resolves_every_name_to_its_object():
+    import importlib
+
+    import samedge.experiment.run.runner  # noqa: F401  (the sub-package 'run' is now an attribute too)
+
     for name in samedge.experiment.__all__:
-        assert getattr(samedge.experiment, name) is not None
+        module, _, attr = samedge.experiment._PUBLIC[name].partition(":")
+        assert getattr(samedge.experiment, name) is getattr(importlib.import_module(module), attr or name)
+    assert callable(samedge.experiment.run_experiment)

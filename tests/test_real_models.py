@@ -311,7 +311,7 @@ def test_new_minibatch_with_warm_start_kept():
         (dict(eta=0.1, batch=(X, Y[:3])), "48 inputs but 3 targets"),
         (dict(eta=0.1, batch=X), r"batch must be \(inputs, targets\)"),
         (dict(method=Method("gd", 0.1), eta=0.1), "either method"),
-        (dict(optimizer=torch.optim.AdamW([nn.Parameter(torch.zeros(1))])), "not of AdamW"),
+        (dict(optimizer=torch.optim.AdamW([nn.Parameter(torch.zeros(1))])), "not this model's"),
         (dict(eta=0.1, optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)), "do not pass eta"),
     ],
 )
@@ -335,8 +335,9 @@ def test_method_from_optimizer_gives_the_momentum_edge():
     m = SharpnessTracker(model, mse, (X, Y)).measure(optimizer=opt)
     assert m.edge == pytest.approx(sam_edge(0.05, 0.1, m.grad_norm, 0.9), rel=1e-12)
     assert m.gd_edge == pytest.approx((2 + 2 * 0.9) / 0.05)
-    with pytest.raises(ValueError, match="weight_decay"):
-        Method.from_optimizer(torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=1e-4))
+    # coupled weight decay is part of the linearised step (the top eigenvalue of H + lambda I)
+    decayed = Method.from_optimizer(torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=1e-4))
+    assert decayed.weight_decay == 1e-4 and decayed.gd_edge == pytest.approx(2 / 0.2 - 1e-4, rel=1e-12)
 
 
 # --- SAM over a base optimizer ---------------------------------------------------------------------

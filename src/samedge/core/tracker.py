@@ -142,6 +142,14 @@ class SharpnessTracker:
         torch_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
         if preconditioner is not None and torch_optimizer is not None:
             raise ValueError("pass preconditioner= or an optimizer whose state gives it, not both")
+        if torch_optimizer is not None:
+            mine = {id(p) for p in self.model.parameters()}
+            held = [p for group in torch_optimizer.param_groups for p in group["params"]]
+            if any(id(p) not in mine for p in held):
+                raise ValueError(
+                    f"the {type(torch_optimizer).__name__} optimizer holds parameters that are not this model's; "
+                    "pass the optimizer that trains the tracked model"
+                )
         objective = self.objective if batch is None else self._objective(batch, "batch")
         # the reading's seed (on the local objective of a sharded one: the one that calls the model)
         getattr(objective, "local", objective).seed = int(torch.randint(0, 2**62, (), generator=self._seeds))

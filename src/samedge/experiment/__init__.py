@@ -21,7 +21,8 @@ each is imported on first use, so importing this package costs nothing.
 import importlib
 from typing import Any
 
-#: public name -> the module that defines it
+#: public name -> the module that defines it (``module:name`` where the name differs: the function
+#: ``run`` is ``run_experiment`` here, as ``samedge.experiment.run`` is the sub-package of one run)
 _PUBLIC = {
     "RunConfig": "samedge.experiment.config",
     "build_config": "samedge.experiment.config",
@@ -31,7 +32,7 @@ _PUBLIC = {
     "read_metrics": "samedge.experiment.store.metrics",
     "summarize": "samedge.experiment.store.metrics",
     "load_checkpoint": "samedge.experiment.store.checkpoint",
-    "run": "samedge.experiment.run.runner",
+    "run_experiment": "samedge.experiment.run.runner:run",
     "remeasure": "samedge.experiment.run.remeasure",
     "SweepSpec": "samedge.experiment.sweeps.spec",
     "prepare_sweep_dir": "samedge.experiment.sweeps.spec",
@@ -44,5 +45,6 @@ __all__ = sorted(_PUBLIC)
 
 def __getattr__(name: str) -> Any:  # PEP 562: imported on first use
     if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
+        module, _, attr = _PUBLIC[name].partition(":")
+        return getattr(importlib.import_module(module), attr or name)
     raise AttributeError(f"module 'samedge.experiment' has no attribute {name!r}")
