@@ -75,6 +75,7 @@ class TrainState:
     steps: str | None = None  # steps.csv before ``step`` (None: none written, or an earlier samedge)
     note: str | None = None  # what loading had to do (a fallback to the previous checkpoint)
     rule: str = _LEGACY_RULE  # the update rule's name in UPDATE_RULES (an earlier samedge: heavy-ball "sgd")
+    layers: dict | None = None  # the per-block eigen-solvers' warm starts (runs with layer_sharpness_every)
 
 
 def content_digest(obj: Any) -> str:
@@ -130,6 +131,7 @@ def save_checkpoint(
         "steps": steps if steps is not None else state.steps,
         "secant": _tensors_to(state.secant, device="cpu"),
         "spectrum": _to_cpu(state.spectrum),
+        "layers": _tensors_to(state.layers, device="cpu"),
     }
     payload["digest"] = content_digest(payload)
     buffer = io.BytesIO()
@@ -301,6 +303,7 @@ def _state(path: Path, payload: dict, config: dict[str, Any], like: Params, devi
         metrics=metrics if isinstance(metrics, str) else None,
         secant=_place_secant(payload.get("secant"), device, dtype),
         spectrum=payload.get("spectrum"),
+        layers=payload.get("layers"),
         steps=steps if isinstance(steps, str) else None,
     )
 
