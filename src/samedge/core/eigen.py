@@ -327,9 +327,19 @@ def eigsh(
     order = np.argsort(vals)[::-1]
     vals, vecs = vals[order], vecs[:, order]
     vectors = torch.as_tensor(vecs.T.copy(), dtype=op.dtype, device=op.device)
-    residuals = np.array([float(torch.linalg.vector_norm((op(v) - lam * v).double())) for lam, v in zip(vals, vectors)])
+    products = [op(v).double() for v in vectors]
+    residuals = np.array(
+        [float(torch.linalg.vector_norm(p - lam * v.double())) for lam, v, p in zip(vals, vectors, products)]
+    )
     return EigenResult(
-        vals, vectors, residuals, converged and len(vals) == k, op.matvecs - taken, "eigsh", _gaps(vals, vals)
+        vals,
+        vectors,
+        residuals,
+        converged and len(vals) == k,
+        op.matvecs - taken,
+        "eigsh",
+        _gaps(vals, vals),
+        products=torch.stack(products) if products else None,
     )
 
 
