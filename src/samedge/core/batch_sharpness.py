@@ -21,8 +21,10 @@ compared with ``2/eta`` for every method (it equals batch sharpness for GD).  Al
 (``g_B = c u``, ``H_B u = lambda u``) and on a quadratic ``d_B = (1 + rho lambda/||g_B||) g_B`` for
 SAM, and the condition reads ``lambda (1 + rho lambda / ||g_B||) < 2/eta``, i.e. ``lambda`` below
 the SAM-edge ``(||g|| / 2 rho)(sqrt(1 + 8 rho / (eta ||g||)) - 1)``: the step sharpness at ``2/eta``
-is the batch version of the SAM-edge.  Beyond quadratics the change in loss is exact to second
-order only.
+is the batch version of the SAM-edge.  Where ``g_B^T d_B <= 0`` (SAM's perturbed gradient turns
+against the batch's own, as at a Transformer's initialization) the step raises the batch's loss to
+first order at every ``eta``: that batch's step sharpness is ``inf`` (and so is the mean).  Beyond
+quadratics the change in loss is exact to second order only.
 
 Cost per batch: one gradient and one HVP (with the gradient's graph); a perturbing method adds
 one gradient (at the perturbed point) and one HVP (on the kept graph).
@@ -102,7 +104,8 @@ def batch_sharpness(
                 hvps += 1
                 df = flatten(d)
                 gd = _dot(gf, df)
-                qs.append(_dot(df, flatten(hd)) / gd if gd != 0 else math.nan)
+                # g^T d <= 0: the step does not descend the batch's loss; no step size makes it lower it
+                qs.append(_dot(df, flatten(hd)) / gd if gd > 0 else math.inf)
             else:
                 qs.append(q[-1])
         finally:
