@@ -179,6 +179,11 @@ def test_nproc_2_run_matches_one_process_and_records_world_size(tmp_path):
     proc = _samedge("mnist", *ARGS, "--steps", "20", "--nproc", "2", "--out", str(tmp_path / "two"), "--no-plots")
     assert proc.wait(300) == 0
     _assert_close_rows(_rows(ref.run_dir / "metrics.csv"), _rows(tmp_path / "two" / "metrics.csv"))
+    # layers.csv: the eigenvector is replicated, so its masses are the same; rank 0 alone writes the file
+    one, two = _rows(ref.run_dir / "layers.csv"), _rows(tmp_path / "two" / "layers.csv")
+    assert [(r["step"], r["block"]) for r in one] == [(r["step"], r["block"]) for r in two]
+    for ra, rb in zip(one, two):
+        assert float(ra["mass"]) == pytest.approx(float(rb["mass"]), abs=1e-4)
     import json
 
     config = json.loads((tmp_path / "two" / "config.json").read_text())

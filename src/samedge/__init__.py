@@ -54,6 +54,10 @@ _CORE_NAMES = (
     "hessian_density",
     "hutchinson_trace",
     "slq_density",
+    "BlockReading",
+    "BlockEigensolver",
+    "BatchSharpness",
+    "batch_sharpness",
 )
 
 __all__ = ["__version__", "BadInput", *_CORE_NAMES]
@@ -63,6 +67,9 @@ if TYPE_CHECKING:  # the names as static type checkers see them
         METHOD_KINDS,
         SAM,
         UPDATE_RULES,
+        BatchSharpness,
+        BlockEigensolver,
+        BlockReading,
         EigenResult,
         HeavyBallSGD,
         HessianEigensolver,
@@ -76,6 +83,7 @@ if TYPE_CHECKING:  # the names as static type checkers see them
         SummedLoss,
         TraceEstimate,
         UpdateRule,
+        batch_sharpness,
         edge_for,
         gd_edge,
         heavy_ball_update,

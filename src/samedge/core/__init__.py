@@ -14,12 +14,16 @@
 * :mod:`~samedge.core.eigen` -- Lanczos, eigsh and power iteration with residuals;
 * :mod:`~samedge.core.curvature` -- the warm-started Hessian eigen-solver;
 * :mod:`~samedge.core.spectrum` -- Hutchinson trace and SLQ spectral density;
+* :mod:`~samedge.core.blocks` -- the top eigenvector's mass per block and the blocks' own top
+  eigenvalues; :mod:`~samedge.core.batch_sharpness` -- curvature of minibatches along their steps;
 * :mod:`~samedge.core.measurements` and :mod:`~samedge.core.tracker` -- one reading, and
   readings in a user's own loop;
 * :mod:`~samedge.core.params`, :mod:`~samedge.core.losses`, :mod:`~samedge.core.quadratic`,
   :mod:`~samedge.core.validation` -- helpers and the quadratic model.
 """
 
+from samedge.core.batch_sharpness import BatchSharpness, batch_sharpness
+from samedge.core.blocks import BlockEigensolver, BlockReading
 from samedge.core.curvature import HessianEigensolver, hessian_eigenpairs
 from samedge.core.distributed import ShardedObjective
 from samedge.core.eigen import EigenResult, lanczos
@@ -73,4 +77,8 @@ __all__ = [
     "slq_density",
     "hessian_trace",
     "hessian_density",
+    "BlockReading",
+    "BlockEigensolver",
+    "BatchSharpness",
+    "batch_sharpness",
 ]

@@ -61,6 +61,8 @@ class HessianEigensolver:
         self.fd_eps = fd_eps
         self.generator = torch.Generator().manual_seed(seed)
         self.previous: Tensor | None = None
+        #: the last solve's result (its eigenvectors and, where the solver has them, their products)
+        self.last: EigenResult | None = None
 
     def __call__(
         self,
@@ -102,6 +104,7 @@ class HessianEigensolver:
         start = result.block if result.block is not None else result.eigenvectors
         if self.warm_start and torch.isfinite(start).all():
             self.previous = start.detach().clone()
+        self.last = result
         return result
 
     def state_dict(self) -> dict:

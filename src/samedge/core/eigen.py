@@ -25,6 +25,7 @@ torch tensors of shape ``(dim,)`` with ``dim`` (and ``dtype``, ``device``) besid
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,6 +60,10 @@ class EigenResult:
     #: the top Ritz vectors (rows, ``keep`` of them, the ``k`` eigenvectors first) when the solver
     #: was asked to keep more than ``k`` for the next solve's warm start; None otherwise
     block: Tensor | None = None
+    #: the operator applied to each eigenvector (rows, float64), where the solver has it without
+    #: another product (Lanczos: ``theta v + s_m r`` from the Lanczos relation, or the stored
+    #: products of a block start; power iteration: its last product); None otherwise
+    products: Tensor | None = None
 
     @property
     def relative_residuals(self) -> np.ndarray:
@@ -190,7 +195,15 @@ def lanczos(
             process.restart(_random_vector(op.dim, generator, op.dtype, op.device))
         else:
             process.advance()
-    return _ritz_result(theta, S, process.Q, residuals, k, keep, converged, op.dtype, op.matvecs - taken)
+    result = _ritz_result(theta, S, process.Q, residuals, k, keep, converged, op.dtype, op.matvecs - taken)
+    r = process.residual
+    if r is None or len(theta) == 0:
+        return result
+    m = len(result.eigenvalues)
+    Sm = torch.as_tensor(S[:, :m].T.copy(), dtype=torch.float64, device=r.device)
+    ritz = Sm @ process.Q.double()  # A Q^T s = theta Q^T s + s_m r
+    products = torch.as_tensor(theta[:m].copy(), device=r.device)[:, None] * ritz + Sm[:, -1:] * r.double()[None]
+    return dataclasses.replace(result, products=products)
 
 
 def _ritz_result(
@@ -276,7 +289,10 @@ def _block_started(
         Aq = op(q.to(dtype)).double()
         T = torch.cat([torch.cat([T, (Q @ Aq)[:, None]], dim=1), torch.cat([AQ @ q, (q @ Aq)[None]])[None]], dim=0)
         Q, AQ = torch.cat([Q, q[None]]), torch.cat([AQ, Aq[None]])
-    return _ritz_result(theta, S, Q, residuals, k, keep, converged, dtype, op.matvecs - taken)
+    result = _ritz_result(theta, S, Q, residuals, k, keep, converged, dtype, op.matvecs - taken)
+    m = len(result.eigenvalues)
+    Sm = torch.as_tensor(S[:, :m].T.copy(), dtype=torch.float64, device=Q.device)
+    return dataclasses.replace(result, products=Sm @ AQ)
 
 
 def eigsh(
@@ -311,9 +327,19 @@ def eigsh(
     order = np.argsort(vals)[::-1]
     vals, vecs = vals[order], vecs[:, order]
     vectors = torch.as_tensor(vecs.T.copy(), dtype=op.dtype, device=op.device)
-    residuals = np.array([float(torch.linalg.vector_norm((op(v) - lam * v).double())) for lam, v in zip(vals, vectors)])
+    products = [op(v).double() for v in vectors]
+    residuals = np.array(
+        [float(torch.linalg.vector_norm(p - lam * v.double())) for lam, v, p in zip(vals, vectors, products)]
+    )
     return EigenResult(
-        vals, vectors, residuals, converged and len(vals) == k, op.matvecs - taken, "eigsh", _gaps(vals, vals)
+        vals,
+        vectors,
+        residuals,
+        converged and len(vals) == k,
+        op.matvecs - taken,
+        "eigsh",
+        _gaps(vals, vals),
+        products=torch.stack(products) if products else None,
     )
 
 
@@ -345,7 +371,9 @@ def power_iteration(
         if n == max_iter:
             break  # keep v: theta and residual belong to it
         v = w / torch.linalg.vector_norm(w)
-    return EigenResult(np.array([theta]), v[None], np.array([residual]), converged, n, "power")
+    return EigenResult(
+        np.array([theta]), v[None], np.array([residual]), converged, n, "power", products=w.double()[None]
+    )
 
 
 def paper_power_iteration(

@@ -91,6 +91,13 @@ class LanczosProcess:
         self._next, self._residual = None, w
         return self.beta
 
+    @property
+    def residual(self) -> Tensor | None:
+        """The newest residual ``r`` (after :meth:`step`, before :meth:`advance`): with the basis
+        ``Q`` and ``T``, ``A Q^T = Q^T T + r e_m^T``, so a Ritz vector ``Q^T s`` has the product
+        ``theta Q^T s + s_m r`` without another product."""
+        return self._residual
+
     def advance(self) -> None:
         """Continue the recurrence: the next basis vector is the residual over its norm."""
         if self._residual is None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from samedge.core.blocks import BlockReading
 from samedge.core.curvature import HessianEigensolver
 from samedge.core.method import Method
 from samedge.core.objective import Objective
@@ -69,6 +70,11 @@ class Measurement:
             if value is not None:
                 return value
         return self.sharpness
+
+    #: per block of parameters (asked for with ``groups=`` or ``by_module=True``): the top
+    #: eigenvector's mass and Rayleigh share, and the block's own top eigenvalue where computed
+    #: (:mod:`samedge.core.blocks`); None when not asked for
+    blocks: tuple[BlockReading, ...] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,14 +23,17 @@ change between products; a reading where it did is reported as not converged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from samedge.core.batch_sharpness import BatchSharpness, batch_sharpness
+from samedge.core.blocks import BlockEigensolver, BlockReading, block_readings, group_blocks, module_blocks
 from samedge.core.curvature import HessianEigensolver
 from samedge.core.distributed import ShardedObjective
 from samedge.core.measurements import Measurement, measure
@@ -125,6 +128,9 @@ class SharpnessTracker:
         momentum: float | None = None,
         batch: Batch | Sequence[Batch] | None = None,
         preconditioner: Sequence[Tensor] | None = None,
+        groups: Mapping[str, Sequence[str | Tensor]] | None = None,
+        by_module: bool = False,
+        block_sharpness: bool = False,
     ) -> Measurement:
         """Sharpness, gradient norm, edges and alignments at the model's current parameters.
 
@@ -137,7 +143,12 @@ class SharpnessTracker:
         and ``sharpness_over_edge`` compares that with the base's threshold; ``preconditioner``
         gives P by hand (one tensor per measured parameter) where no optimizer is passed.
         ``batch`` measures on that data instead of the tracker's (the eigen-solvers' warm starts
-        are kept).  Everything is checked before any work."""
+        are kept).  Everything is checked before any work.
+
+        ``groups={name: [parameters or parameter names or module prefixes]}`` or ``by_module=True``
+        (the model's top-level modules) add ``m.blocks``: per block, the top eigenvector's mass and
+        Rayleigh share (no extra HVP); with ``block_sharpness=True`` also each block's own top
+        eigenvalue ``lambda_max(H_BB)`` (Lanczos per block, its HVPs in the block's ``hvps``)."""
         method = self._method(method, eta, rho, optimizer, momentum)
         torch_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
         if preconditioner is not None and torch_optimizer is not None:
@@ -150,6 +161,9 @@ class SharpnessTracker:
                     f"the {type(torch_optimizer).__name__} optimizer holds parameters that are not this model's; "
                     "pass the optimizer that trains the tracked model"
                 )
+        if block_sharpness and groups is None and not by_module:
+            raise ValueError("block_sharpness needs groups= or by_module=True")
+        named_groups = self._group_names(groups) if groups is not None else None
         objective = self.objective if batch is None else self._objective(batch, "batch")
         # the reading's seed (on the local objective of a sharded one: the one that calls the model)
         getattr(objective, "local", objective).seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
@@ -173,7 +187,7 @@ class SharpnessTracker:
                 P = tuple(preconditioner)
                 if len(P) != len(params) or any(p.shape != q.shape for p, q in zip(P, params)):
                     raise ValueError("preconditioner must hold one tensor shaped like each measured parameter")
-        return measure(
+        m = measure(
             objective,
             params,
             grad,
@@ -185,6 +199,89 @@ class SharpnessTracker:
             preconditioned_solver=self._adaptive("preconditioned"),
             effective_solver=self._adaptive("effective"),
         )
+
+        if named_groups is None and not by_module:
+            return m
+        sizes = [p.numel() for p in params]
+        names = objective.names
+        blocks = (
+            module_blocks(self.model, names, sizes)
+            if named_groups is None
+            else group_blocks(named_groups, names, sizes)
+        )
+        last = self.solver.last
+        assert last is not None
+        readings = block_readings(last.eigenvectors[0], blocks, None if last.products is None else last.products[0])
+        if block_sharpness:
+            readings = self._block_sharpness(objective, params, blocks, readings, last.eigenvectors[0])
+        return dataclasses.replace(m, blocks=readings)
+
+    def _group_names(self, groups: Mapping[str, Sequence[str | Tensor]]) -> dict[str, list[str]]:
+        """``groups`` with parameters (tensors) replaced by their names in the model."""
+        if not isinstance(groups, Mapping):
+            raise ValueError(f"groups must be a mapping name -> parameters, got {type(groups).__name__}")
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        out: dict[str, list[str]] = {}
+        for name, members in groups.items():
+            listed = [members] if isinstance(members, (str, Tensor)) else list(members)
+            out[name] = []
+            for member in listed:
+                if isinstance(member, Tensor):
+                    if id(member) not in by_id:
+                        raise ValueError(f"group {name!r} holds a tensor that is not a parameter of the model")
+                    out[name].append(by_id[id(member)])
+                elif isinstance(member, str):
+                    out[name].append(member)
+                else:
+                    raise ValueError(
+                        f"group {name!r}: members must be parameters or names, got {type(member).__name__}"
+                    )
+        return out
+
+    def _block_sharpness(self, objective, params, blocks, readings, top: Tensor) -> tuple[BlockReading, ...]:
+        if getattr(self, "_block_solver", None) is None:
+            seed = self.solver.generator.initial_seed() + 5
+            self._block_solver = BlockEigensolver(tol=self.solver.tol, max_iter=self.solver.max_iter, seed=seed)
+        try:
+            results = self._block_solver(objective.hvp_operator(params), blocks, top)
+        finally:
+            objective.release_hvp_graph()
+        return tuple(
+            dataclasses.replace(
+                r,
+                sharpness=float(results[r.name].eigenvalues[0]),
+                relative_residual=float(results[r.name].relative_residuals[0]),
+                converged=bool(results[r.name].converged),
+                hvps=results[r.name].matvecs,
+            )
+            for r in readings
+        )
+
+    def batch_sharpness(
+        self,
+        batches: Sequence[Batch],
+        method: Method | None = None,
+        *,
+        eta: float | None = None,
+        rho: float | None = None,
+        optimizer: str | torch.optim.Optimizer | None = None,
+        momentum: float | None = None,
+    ) -> BatchSharpness:
+        """Batch sharpness ``mean_B g_B^T H_B g_B / ||g_B||^2`` over ``batches`` (each an ``(inputs,
+        targets)`` pair) at the model's current parameters, with its standard error, and the batch
+        step sharpness ``mean_B d_B^T H_B d_B / g_B^T d_B`` of the method's step ``d_B`` (compare
+        both with ``2/eta``; :mod:`samedge.core.batch_sharpness`).  The method is given as to
+        :meth:`measure`; without one, GD at ``eta = 1``."""
+        if not isinstance(batches, (list, tuple)) or not batches:
+            raise ValueError("batches must be a non-empty list of (inputs, targets) pairs")
+        if method is None and eta is None and optimizer is None:
+            method = Method("gd", 1.0)
+        method = self._method(method, eta, rho, optimizer, momentum)
+        objectives = [self._objective(_check_batch(b, f"batch {i}"), f"batch {i}") for i, b in enumerate(batches)]
+        seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
+        for o in objectives:
+            getattr(o, "local", o).seed = seed
+        return batch_sharpness(objectives, objectives[0].parameters(), method)
 
     def _adaptive(self, name: str) -> HessianEigensolver:
         """The warm solver of the preconditioned (seed + 5) or effective (seed + 6) reading."""

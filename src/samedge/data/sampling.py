@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["MinibatchSampler", "fixed_sample"]
+__all__ = ["MinibatchSampler", "fixed_sample", "probe_batches"]
 
 
 def fixed_sample(n: int, k: int, seed: int) -> Tensor:
@@ -22,6 +22,18 @@ def fixed_sample(n: int, k: int, seed: int) -> Tensor:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     idx = np.sort(np.random.default_rng([seed, 0x5EED]).choice(n, size=k, replace=False))
     return torch.from_numpy(idx.astype(np.int64))
+
+
+def probe_batches(n: int, batch_size: int, count: int, seed: int, step: int) -> list[Tensor]:
+    """``count`` minibatches of ``batch_size`` distinct indices out of ``n`` (each sorted) for a
+    reading at ``step``: a pure function of ``(seed, step)`` from a generator of their own (the
+    training stream does not move), so a resumed run draws the same batches."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+    rng = np.random.default_rng([seed, 0xBA7C5, step])
+    return [
+        torch.from_numpy(np.sort(rng.choice(n, size=batch_size, replace=False)).astype(np.int64)) for _ in range(count)
+    ]
 
 
 class MinibatchSampler:

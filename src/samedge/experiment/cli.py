@@ -70,6 +70,12 @@ _HELP = {
     "secant_pairs": "per-step sharpness (steps.csv) from the last N gradient pairs training computes anyway "
     "(default: 10 SAM/USAM perturbation pairs, 3 consecutive steps for GD; 0: off)",
     "seed": "random seed (data order, initialization, eigen-solver start)",
+    "layer_groups": "blocks of layers.csv: '' top-level modules (default), 'leaves', 'off', or "
+    "'NAME=PARAM,PARAM;NAME=...' (parameter names or module prefixes; the rest is 'other')",
+    "layer_sharpness_every": "each block's own top eigenvalue lambda_max(H_BB) every N steps, in layers.csv "
+    "(a multiple of measure-every; 0: off)",
+    "batch_sharpness_batches": "batch sharpness over N seeded minibatches at each reading "
+    "(default 8 for minibatch runs; 0: off)",
     "dtype": "float32 or float64",
     "device": "cpu, cuda or auto",
     "threads": "torch threads (default: torch's, one per core); a matrix product's float sums depend on the count, "

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from samedge.core.blocks import parse_groups
 from samedge.core.curvature import METHODS as EIG_METHODS
 from samedge.core.curvature import ONE_EIGENPAIR_METHODS
 from samedge.core.losses import LOSSES
@@ -79,6 +80,13 @@ class RunConfig:
     density_every: int = 0  # SLQ spectral density every N steps (a multiple of measure_every; 0: off)
     density_probes: int = 4
     density_steps: int = 64  # Lanczos steps per density probe
+    # layers.csv: the top eigenvector's mass per block at every reading (no HVP); blocks: "" the model's
+    # top-level modules, "leaves" the module owning each parameter, "NAME=PARAM,PARAM;NAME=..." named
+    # groups (parameter names or module prefixes; the rest is "other"), "off" no layers.csv
+    layer_groups: str = ""
+    layer_sharpness_every: int = 0  # each block's lambda_max(H_BB) every N steps (a multiple of measure_every; 0: off)
+    # batch sharpness over N seeded minibatches at each reading; None: 8 for minibatch runs, off for full batch
+    batch_sharpness_batches: int | None = None
     measure_test: bool = False  # also evaluate the test set at every measurement
     checkpoint_every: int = 100  # steps; 0: only at the end (and on Ctrl-C)
     secant_pairs: int | None = (
@@ -112,6 +120,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    @property
+    def batch_sharpness_count(self) -> int:
+        """The minibatches of a batch-sharpness reading (0: none): ``batch_sharpness_batches``, or by
+        default 8 for minibatch runs and 0 for full-batch ones."""
+        if self.batch_sharpness_batches is not None:
+            return self.batch_sharpness_batches
+        return 8 if self.batch_size is not None else 0
 
     def method(self) -> Method:
         """The optimizer method of this run."""
@@ -173,6 +189,8 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "density_every": (0, math.inf, True),
     "density_probes": (1, math.inf, True),
     "density_steps": (1, math.inf, True),
+    "layer_sharpness_every": (0, math.inf, True),
+    "batch_sharpness_batches": (0, 100000, True),
     "eig_k": (1, 64, True),
     "eig_tol": (0.0, 1.0, False),
     "eig_max_iter": (1, 100000, True),
@@ -241,13 +259,25 @@ def _validate(cfg: RunConfig) -> None:
             )
     if cfg.eig_method in ONE_EIGENPAIR_METHODS and cfg.eig_k != 1:
         raise ConfigError(f"config field 'eig_k' must be 1 with eig_method {cfg.eig_method!r}, got {cfg.eig_k}")
-    for name in ("trace_every", "density_every"):
+    for name in ("trace_every", "density_every", "layer_sharpness_every"):
         every = getattr(cfg, name)
         if isinstance(every, int) and every > 0 and every % cfg.measure_every:
             raise ConfigError(
                 f"config field '{name}' ({every}) must be a multiple of measure_every ({cfg.measure_every}): "
                 "the trace and density are taken at measurements"
             )
+    if cfg.layer_groups.strip() not in ("", "leaves", "off"):
+        try:
+            parse_groups(cfg.layer_groups)
+        except ValueError as err:
+            raise ConfigError(f"config field 'layer_groups': {err}") from None
+    if cfg.layer_sharpness_every and cfg.layer_groups.strip() == "off":
+        raise ConfigError("config field 'layer_sharpness_every' needs blocks; layer_groups is 'off'")
+    if cfg.batch_sharpness_batches and cfg.batch_size is None:
+        raise ConfigError(
+            "config field 'batch_sharpness_batches' needs 'batch_size' (minibatch training); "
+            "batch sharpness is the minibatches' curvature"
+        )
     if cfg.eval_batch_size and cfg.batch_size is None:
         raise ConfigError(
             "config field 'eval_batch_size' needs 'batch_size' (minibatch training); "

@@ -27,10 +27,11 @@ from samedge.core.method import Method  # noqa: E402
 from samedge.errors import RunDirError  # noqa: E402
 from samedge.experiment.config import RunConfig  # noqa: E402
 from samedge.experiment.store.density import read_density  # noqa: E402
+from samedge.experiment.store.layers import read_layers  # noqa: E402
 from samedge.experiment.store.layout import RunDir  # noqa: E402
 from samedge.experiment.store.metrics import edge_reached_index, read_metrics  # noqa: E402
 
-__all__ = ["plot_run", "plot_density", "FIGURES"]
+__all__ = ["plot_run", "plot_density", "plot_layers", "FIGURES"]
 
 FIGURES = ("sharpness", "sharpness_vs_edge", "alignment", "loss", "grad_norm")
 
@@ -112,6 +113,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         written += _plot_trace(run_dir, rows, title)
     if RunDir(run_dir).density.exists():
         written += plot_density(run_dir, title)
+    if RunDir(run_dir).layers.exists():
+        written += plot_layers(run_dir, title)
     return written
 
 
@@ -304,3 +307,39 @@ def plot_density(run_dir: str | Path, title: str = "") -> list[Path]:
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2 if len(steps) > 6 else 1)
     return _save(fig, run_dir, "density")
+
+
+def plot_layers(run_dir: str | Path, title: str = "") -> list[Path]:
+    """``layers.png/.pdf``: the top eigenvector's mass per block over the steps (stacked areas,
+    summing to 1), from ``layers.csv``; with block eigenvalues, a second panel of
+    ``lambda_max(H_BB) / lambda_1`` per block."""
+    run_dir = Path(run_dir)
+    rows = read_layers(RunDir(run_dir).layers)
+    if not rows:
+        return []
+    steps = sorted({int(r["step"]) for r in rows})
+    blocks = list(dict.fromkeys(r["block"] for r in rows))
+    mass = {b: {int(r["step"]): r["mass"] for r in rows if r["block"] == b} for b in blocks}
+    series = np.array([[mass[b].get(t) or 0.0 for t in steps] for b in blocks])
+    sharp = [r for r in rows if r.get("sharpness_over_top") is not None]
+    fig, axes = plt.subplots(2 if sharp else 1, 1, figsize=(6.4, 6.4 if sharp else 4.2), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    colors = plt.get_cmap("tab20")(np.arange(len(blocks)) % 20)
+    if len(steps) > 1:
+        ax.stackplot(steps, series, labels=blocks, colors=colors)
+    else:
+        ax.bar(steps, series[:, 0], bottom=np.cumsum(series[:, 0]) - series[:, 0], color=colors, label=blocks)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(r"mass $\|v_1[B]\|^2$")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2 if len(blocks) > 8 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if sharp:
+        bx = axes[1][0]
+        for b, c in zip(blocks, colors):
+            pts = [(int(r["step"]), r["sharpness_over_top"]) for r in sharp if r["block"] == b]
+            if pts:
+                bx.plot(*zip(*pts), marker="o", ms=3, color=c, label=b)
+        bx.axhline(1.0, color="gray", ls="--", lw=1)
+        bx.set_ylabel(r"$\lambda_{max}(H_{BB}) / \lambda_1$")
+    axes[-1][0].set_xlabel("step")
+    return _save(fig, run_dir, "layers")

@@ -39,10 +39,12 @@ from samedge.core.secant import StepSecants
 from samedge.core.update_rules import RuleState
 from samedge.errors import CheckpointError
 from samedge.experiment.config import RunConfig
+from samedge.experiment.run.layers import RunLayers
 from samedge.experiment.run.readings import RunSpectrum
 from samedge.experiment.store.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from samedge.experiment.store.create import create_run_dir, lock_run_dir
 from samedge.experiment.store.density import DensityWriter
+from samedge.experiment.store.layers import LayersWriter
 from samedge.experiment.store.layout import RunDir
 from samedge.experiment.store.lock import RunLock, check_unlocked
 from samedge.experiment.store.metrics import (
@@ -94,6 +96,7 @@ class _RunState:
             self.adaptive["preconditioned"] = solver(1, cfg.seed + 5)
             if method.perturbs:
                 self.adaptive["effective"] = solver(1, cfg.seed + 6)
+        self.layers = RunLayers(cfg, task)  # layers.csv's block solvers and batch sharpness
 
     def train_state(
         self, step: int, params: Params, rule_state: RuleState, elapsed: float, finished: bool = False
@@ -112,6 +115,7 @@ class _RunState:
             secant=self.secants.state_dict() if self.secants is not None else None,
             spectrum=self.spectrum.state_dict() if self.spectrum.enabled else None,
             adaptive_solvers={k: v.state_dict() for k, v in self.adaptive.items()} or None,
+            layers=self.layers.state_dict(),
         )
 
     def restore(self, state: TrainState, run_dir: Path) -> RuleState:
@@ -135,6 +139,7 @@ class _RunState:
             if saved is None:
                 raise CheckpointError(f"{run_dir}: the checkpoint has no state of the {name} sharpness's solver")
             solver.load_state_dict(saved)
+        self.layers.load_state_dict(state.layers, run_dir)
         if self.secants is not None and state.secant is not None:  # a checkpoint from before steps.csv starts empty
             self.secants.load_state_dict(state.secant)
         try:
@@ -245,6 +250,13 @@ class _Training:
             preconditioned=self.method.preconditioned,
             effective=self.method.preconditioned and self.method.perturbs,
         )
+        at = self.columns.index("eig_residual")  # the per-block and batch-sharpness columns (if any) before it
+        self.columns[at:at] = self.run_state.layers.metric_columns()
+        self.layers_writer = (
+            LayersWriter(run_dir, self.opened.step if resume else None)
+            if self.run_state.layers.enabled and self.writer
+            else None
+        )
         self.density_writer = (
             DensityWriter(run_dir, self.opened.step if resume else None) if cfg.density_every and self.writer else None
         )
@@ -330,6 +342,8 @@ class _Training:
                 self.steps_writer.close()
             if self.density_writer is not None:
                 self.density_writer.close()
+            if self.layers_writer is not None:
+                self.layers_writer.close()
 
     def _step(self, step: int, on_step: Callable[[int], None] | None) -> bool:
         """Step ``t``: direction, measurement, update and checkpoint as the schedule says; False
@@ -395,8 +409,15 @@ class _Training:
         density = self.run_state.spectrum.density(objective, self.params, step)
         if density is not None and self.density_writer is not None:
             self.density_writer.write(step, density)
+        layer_rows, layer_columns = self.run_state.layers.reading(step, objective, self.params, self.run_state.main)
+        row.update(layer_columns)
+        row.update(self.run_state.layers.batch_columns(step, self.params, self.method))
+        if self.layers_writer is not None and layer_rows:
+            self.layers_writer.write(layer_rows)
         self.cost["measure_seconds"] += time.perf_counter() - tick
-        self.cost["measure_hvps"] += sum(int(row.get(c) or 0) for c in ("hvps", "eval_hvps", "trace_hvps"))
+        self.cost["measure_hvps"] += sum(
+            int(row.get(c) or 0) for c in ("hvps", "eval_hvps", "trace_hvps", "layer_hvps", "batch_sharpness_hvps")
+        )
         self.cost["measure_gradients"] += 1 if "eval_hvps" in row else 0  # the evaluation batch's gradient
         row["elapsed_s"] = round(time.perf_counter() - self.start, 3)
         self.rows.write(row)

@@ -77,6 +77,7 @@ class TrainState:
     rule: str = _LEGACY_RULE  # the update rule's name in UPDATE_RULES (an earlier samedge: heavy-ball "sgd")
     #: preconditioned bases: the warm solvers of the preconditioned and effective readings, by name
     adaptive_solvers: dict | None = None
+    layers: dict | None = None  # the per-block eigen-solvers' warm starts (runs with layer_sharpness_every)
 
 
 def content_digest(obj: Any) -> str:
@@ -135,6 +136,7 @@ def save_checkpoint(
         "adaptive_solvers": None
         if state.adaptive_solvers is None
         else {k: _to_cpu(v) for k, v in state.adaptive_solvers.items()},
+        "layers": _tensors_to(state.layers, device="cpu"),
     }
     payload["digest"] = content_digest(payload)
     buffer = io.BytesIO()
@@ -306,6 +308,7 @@ def _state(path: Path, payload: dict, config: dict[str, Any], like: Params, devi
         metrics=metrics if isinstance(metrics, str) else None,
         secant=_place_secant(payload.get("secant"), device, dtype),
         spectrum=payload.get("spectrum"),
+        layers=payload.get("layers"),
         steps=steps if isinstance(steps, str) else None,
         adaptive_solvers=None
         if payload.get("adaptive_solvers") is None

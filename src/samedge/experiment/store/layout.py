@@ -3,7 +3,8 @@
 A run directory holds ``config.json`` (settings, data source, parameter count, versions, command),
 ``metrics.csv`` (one row per measurement, :mod:`~samedge.experiment.store.metrics`),
 ``steps.csv`` (per-step secant sharpness), ``density.csv`` (spectral densities,
-:mod:`~samedge.experiment.store.density`), ``summary.json``, ``checkpoint.pt`` and
+:mod:`~samedge.experiment.store.density`), ``layers.csv`` (the top eigenvector's mass per block,
+:mod:`~samedge.experiment.store.layers`), ``summary.json``, ``checkpoint.pt`` and
 ``checkpoint.prev.pt`` (:mod:`~samedge.experiment.store.checkpoint`), the figures and
 ``run.lock`` (:mod:`~samedge.experiment.store.lock`).  Every module that touches one of these files
 asks :class:`RunDir` for its path; :meth:`RunDir.read_config` is the one reader of the saved
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["RunDir", "RUN_FILES", "FIGURE_NAMES", "versions"]
 
 #: the figures of a run (each as .png and .pdf)
-FIGURE_NAMES = ("sharpness", "sharpness_vs_edge", "alignment", "loss", "grad_norm", "trace", "density")
+FIGURE_NAMES = ("sharpness", "sharpness_vs_edge", "alignment", "loss", "grad_norm", "trace", "density", "layers")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class RunDir:
     METRICS = "metrics.csv"
     STEPS = "steps.csv"
     DENSITY = "density.csv"
+    LAYERS = "layers.csv"
     SUMMARY = "summary.json"
     CHECKPOINT = "checkpoint.pt"
     PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
@@ -90,6 +92,10 @@ class RunDir:
     @property
     def density(self) -> Path:
         return self.path / self.DENSITY
+
+    @property
+    def layers(self) -> Path:
+        return self.path / self.LAYERS
 
     @property
     def summary(self) -> Path:
@@ -172,6 +178,7 @@ RUN_FILES: list[str] = [
     RunDir.METRICS,
     RunDir.STEPS,
     RunDir.DENSITY,
+    RunDir.LAYERS,
     RunDir.SUMMARY,
     RunDir.CHECKPOINT,
     RunDir.PREVIOUS_CHECKPOINT,

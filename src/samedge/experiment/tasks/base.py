@@ -23,7 +23,14 @@ from samedge.errors import ConfigError
 from samedge.experiment.config import RunConfig
 from samedge.experiment.world import sharded_objective
 
-__all__ = ["Task", "resolve_device", "minibatch_objectives", "task_from_split", "default_data_path"]
+__all__ = [
+    "Task",
+    "resolve_device",
+    "minibatch_objectives",
+    "probe_batch_objectives",
+    "task_from_split",
+    "default_data_path",
+]
 
 
 @dataclass
@@ -36,6 +43,8 @@ class Task:
     minibatch: Callable[[int], Objective] | None = None  # step -> that step's minibatch objective
     test_every_measurement: bool = False
     eval_batch: Objective | None = None  # a fixed training batch, also measured (minibatch runs)
+    #: (step, count) -> that many seeded minibatch objectives for a batch-sharpness reading
+    probe_batches: Callable[[int, int], list[Objective]] | None = None
 
     def objective_at(self, step: int) -> Objective:
         return self.train if self.minibatch is None else self.minibatch(step)
@@ -75,6 +84,27 @@ def minibatch_objectives(
     return minibatch, eval_batch
 
 
+def probe_batch_objectives(
+    cfg: RunConfig, model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[int, int], list[Objective]] | None:
+    """For ``cfg.batch_size``: (step, count) -> ``count`` minibatch objectives of ``batch_size``
+    training examples, a pure function of the seed and step (``samedge.data.sampling.probe_batches``);
+    None for full-batch training."""
+    from samedge.data.sampling import probe_batches
+
+    if cfg.batch_size is None:
+        return None
+    n, size = x.shape[0], cfg.batch_size
+
+    def batches(step: int, count: int) -> list[Objective]:
+        return [
+            sharded_objective(model, loss, x[i.to(x.device)], y[i.to(x.device)], cfg.chunk_size, hvp_mode=cfg.hvp_mode)
+            for i in probe_batches(n, size, count, cfg.seed, step)
+        ]
+
+    return batches
+
+
 def task_from_split(name: str, cfg: RunConfig, model: nn.Module, split, device: torch.device) -> Task:
     """A labelled-image task (MNIST, CIFAR-10): chunked full-batch train and test objectives of
     ``cfg.loss`` on ``split`` (a :class:`~samedge.data.Split`), and minibatches if asked."""
@@ -83,7 +113,16 @@ def task_from_split(name: str, cfg: RunConfig, model: nn.Module, split, device: 
     train = sharded_objective(model, loss, x, y, cfg.chunk_size, hvp_mode=cfg.hvp_mode)
     test = sharded_objective(model, loss, split.x_test.to(device), split.y_test.to(device), cfg.chunk_size)
     minibatch, eval_batch = minibatch_objectives(cfg, model, loss, x, y)
-    return Task(name, model, train, test, split.source, minibatch=minibatch, eval_batch=eval_batch)
+    return Task(
+        name,
+        model,
+        train,
+        test,
+        split.source,
+        minibatch=minibatch,
+        eval_batch=eval_batch,
+        probe_batches=probe_batch_objectives(cfg, model, loss, x, y),
+    )
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,7 +10,13 @@ from samedge.core.losses import get_loss
 from samedge.data.shakespeare import load_shakespeare
 from samedge.errors import ConfigError
 from samedge.experiment.config import RunConfig
-from samedge.experiment.tasks.base import Task, default_data_path, minibatch_objectives, resolve_device
+from samedge.experiment.tasks.base import (
+    Task,
+    default_data_path,
+    minibatch_objectives,
+    probe_batch_objectives,
+    resolve_device,
+)
 from samedge.experiment.world import sharded_objective
 from samedge.models.transformer import Transformer
 
@@ -50,4 +56,5 @@ def build_shakespeare(cfg: RunConfig) -> Task:
         minibatch=minibatch,
         test_every_measurement=True,
         eval_batch=eval_batch,
+        probe_batches=probe_batch_objectives(cfg, model, loss, x_train, y_train),
     )
