@@ -98,8 +98,12 @@ def _add_sweep_run_flags(p: argparse.ArgumentParser) -> None:
         default="serial",
         help="; ".join(f"{name}: {executor_class(name).summary}" for name in EXECUTORS),
     )
+    own: dict[str, list[argparse.Action]] = {}
     for name in EXECUTORS:
+        before = len(p._actions)
         executor_class(name).add_arguments(p)
+        own[name] = p._actions[before:]
+    p.set_defaults(executor_flags=own)
     p.add_argument(
         "--threads-per-run",
         type=int,
@@ -403,12 +407,15 @@ def _sweep_spec(args: argparse.Namespace):
     return spec
 
 
-def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> int:
+def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> tuple[int, Any]:
+    """Run the sweep as the flags say and print its outcome; the exit code and the
+    :class:`~samedge.experiment.sweeps.driver.SweepOutcome`."""
     from samedge.experiment.store.layout import RunDir
     from samedge.experiment.sweeps.driver import run_sweep
     from samedge.experiment.sweeps.executors import executor_class
     from samedge.experiment.sweeps.spec import prepare_sweep_dir
 
+    _refuse_other_executors_flags(args)
     executor = executor_class(args.executor).from_arguments(args)
     executor.check()  # before the sweep directory is written
     if args.threads_per_run < 1:
@@ -421,21 +428,38 @@ def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> int:
         for p in points:
             if RunDir(out / p.name).metrics.exists():
                 plot_run(out / p.name)
-    counts = ", ".join(f"{done.count(s)} {s}" for s in ("done", "diverged", "failed", "error") if done.count(s))
+    kinds = ("done", "diverged", "failed", "error", "submitted")
+    counts = ", ".join(f"{done.count(s)} {s}" for s in kinds if done.count(s))
     print(f"sweep directory: {out} ({len(points)} runs: {counts}; {done.skipped} already finished)")
     print(f"summary: {out / 'sweep.csv'}")
     for name, status in done.statuses.items():
         if status in ("failed", "error"):
-            print(f"  {name}: {status}")
+            reason = done.reasons.get(name, "")
+            print(f"  {name}: {status}" + (f": {reason}" if reason else ""))
+    if done.count("submitted"):
+        print(f"{done.count('submitted')} runs left to their jobs; the same command again collects them")
+        for name, status in done.statuses.items():
+            if status == "submitted":
+                print(f"  {name}: {done.reasons.get(name, '')}")
     if done.count("error"):
-        return 1  # a samedge bug in some run (its message is in sweep.csv)
-    return EXIT_BAD_INPUT if done.count("failed") else EXIT_OK
+        return 1, done  # a samedge bug in some run (its message is in sweep.csv)
+    return (EXIT_BAD_INPUT if done.count("failed") else EXIT_OK), done
+
+
+def _refuse_other_executors_flags(args: argparse.Namespace) -> None:
+    """A flag of an executor other than ``--executor``'s is refused, not silently ignored."""
+    for name, actions in getattr(args, "executor_flags", {}).items():
+        if name == args.executor:
+            continue
+        for action in actions:
+            if getattr(args, action.dest, action.default) != action.default:
+                raise ConfigError(f"{action.option_strings[0]} is a flag of --executor {name}, not {args.executor}")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = _sweep_spec(args)
     out = Path(args.out) if args.out else Path("sweeps") / "-".join([spec.task, *spec.varied_names()])
-    return _run_sweep_cli(spec, out, args)
+    return _run_sweep_cli(spec, out, args)[0]
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -452,8 +476,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     spec = load_reproduce_spec(args.task, paper=args.paper)
     out = Path(args.out) if args.out else Path("reproduce") / (args.task + ("-paper" if args.paper else ""))
-    code = _run_sweep_cli(spec, out, args)
-    if code == EXIT_INTERRUPTED:
+    code, done = _run_sweep_cli(spec, out, args)
+    if done.count("submitted"):
+        print("figures and report: run the same command again when the jobs have finished")
         return code
     overlay_runs([str(out)], None)
     for path in write_report(out):

@@ -5,6 +5,10 @@ Faults: a point whose settings or data are refused is recorded ``failed`` with t
 diverged run is recorded ``diverged``; neither is retried, and the other points go on.  Any other
 exception is a samedge bug: it is recorded ``error`` with its message, the other points go on, and
 the sweep exits 1.
+
+An executor that leaves points running in a scheduler (``--executor submitit --no-wait``) reports
+them ``submitted``: they are recorded so in ``status.json`` and ``sweep.csv`` until a later call
+finds them finished.
 """
 
 from __future__ import annotations
@@ -12,32 +16,34 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from samedge.errors import ConfigError
 from samedge.experiment.sweeps.executors import Executor, executor_class
-from samedge.experiment.sweeps.spec import SweepPoint, record_status, run_state, write_sweep_csv
+from samedge.experiment.sweeps.spec import SweepPoint, read_status, record_status, run_state, write_sweep_csv
 
 __all__ = ["run_sweep", "make_executor", "SweepOutcome"]
 
 
 @dataclass
 class SweepOutcome:
-    """What a call of :func:`run_sweep` did: the status of every point and the wall time."""
+    """What a call of :func:`run_sweep` did: the status of every point, the reason of those that
+    have one (failed, error, submitted), and the wall time."""
 
     statuses: dict[str, str]
     skipped: int
     wall_s: float
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(1 for s in self.statuses.values() if s == status)
 
 
 class _Progress:
-    """The sweep's progress: a bar on a terminal (runs done, running, failed; tqdm's time left),
-    otherwise one line per finished run."""
+    """The sweep's progress: a bar on a terminal (runs done, running, queued, failed; tqdm's time
+    left), otherwise one line per finished run."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.total, self.finished, self.failed, self.running = total, initial, 0, 0
@@ -53,7 +59,11 @@ class _Progress:
 
     def _postfix(self) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(running=self.running, failed=self.failed, refresh=True)
+            self.bar.set_postfix(running=self.running, queued=self.queued, failed=self.failed, refresh=True)
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.total - self.finished - self.running)
 
     def started(self, n: int = 1) -> None:
         self.running += n
@@ -73,7 +83,7 @@ class _Progress:
             left = (self.total - self.finished) * elapsed / self.ran
             print(
                 f"sweep: {name} {status}; {self.finished}/{self.total} finished, {self.running} running, "
-                f"{self.failed} failed or diverged, about {left:.0f} s left",
+                f"{self.queued} queued, {self.failed} failed or diverged, about {left:.0f} s left",
                 file=sys.stderr,
                 flush=True,
             )
@@ -113,15 +123,19 @@ def run_sweep(
     started = time.perf_counter()
     out = out.resolve()  # workers elsewhere may not share the driver's working directory
     statuses: dict[str, str] = {}
+    reasons: dict[str, str] = {}
     todo: list[SweepPoint] = []
+    submitted_before = {k for k, v in read_status(out).items() if v.get("status") == "submitted"}
     for p in points:
         if p.config is None:
             record_status(out, p.name, {"status": "failed", "reason": p.error})
-            statuses[p.name] = "failed"
+            statuses[p.name], reasons[p.name] = "failed", p.error or ""
             continue
         state = run_state(out / p.name)
         if state in ("done", "diverged"):
             statuses[p.name] = state
+            if p.name in submitted_before:  # its job finished after the call that submitted it
+                record_status(out, p.name, None)
         else:
             todo.append(p)
     skipped = len(statuses)
@@ -135,15 +149,21 @@ def run_sweep(
         def finished(self, p: SweepPoint, outcome: dict[str, Any]) -> None:
             status = outcome["status"]
             statuses[p.name] = status
+            if outcome.get("reason"):
+                reasons[p.name] = outcome["reason"]
             record_status(out, p.name, outcome if status in ("failed", "error") else None)
             write_sweep_csv(out, points)
             bar.done(p.name, status)
             if on_done is not None:
                 on_done(p.name, outcome)
 
+        def submitted(self, p: SweepPoint, where: str) -> None:
+            statuses[p.name], reasons[p.name] = "submitted", where
+            record_status(out, p.name, {"status": "submitted", "reason": where})
+
     try:
         executor.run(out, todo, threads, progress, _Reporter())
     finally:
         bar.close()
         write_sweep_csv(out, points)
-    return SweepOutcome(statuses, skipped, time.perf_counter() - started)
+    return SweepOutcome(statuses, skipped, time.perf_counter() - started, reasons)

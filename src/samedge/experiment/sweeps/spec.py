@@ -10,7 +10,8 @@ table of settings).  Every point gets a name made of the settings it varies
 stopping the others.
 
 The sweep directory holds ``sweep.json`` (the definition and every point's settings),
-``status.json`` (the outcome of failed points), ``sweep.csv`` and one run directory per point.
+``status.json`` (the outcome of failed points, and the job of points submitted to a scheduler),
+``sweep.csv`` and one run directory per point.
 What a point still needs is read from its run directory alone (:func:`run_state`): finished,
 diverged, resumable from a checkpoint, or to be started.  So calling a sweep again skips the
 finished runs, resumes the interrupted ones and starts the rest, whatever killed it.
@@ -417,6 +418,8 @@ def sweep_rows(out: Path, points: Iterable[SweepPoint] | None = None) -> list[di
             st, reason = "done", ""
         elif state == "diverged":
             st, reason = "diverged", f"step {summary.get('diverged_step')}: {summary.get('reason', '')}"
+        elif recorded.get("status") == "submitted":  # left to a scheduler's job (submitit --no-wait)
+            st, reason = "submitted", recorded.get("reason", "")
         elif state == "resume":
             st, reason = "interrupted", f"checkpoint at step {summary.get('final_step', '?')}" if summary else ""
         else:
