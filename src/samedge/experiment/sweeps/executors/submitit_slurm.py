@@ -639,7 +639,9 @@ class _Preemption:
     def _on_signal(self, signum: int, frame: Any) -> None:
         first = not self.received
         self.received.append(signum)
-        print(f"samedge: job got {signal.Signals(signum).name}: checkpointing the run", file=sys.stderr, flush=True)
+        what = ": checkpointing the run" if first and self.running else ""
+        # os.write, not print: the run may be inside a write to stderr (its progress lines)
+        os.write(2, f"samedge: job got {signal.Signals(signum).name}{what}\n".encode())
         if first and self.running:
             raise KeyboardInterrupt
 
@@ -654,5 +656,6 @@ class _Preemption:
         if any(s != signal.SIGTERM for s in self.received) and callable(handler):
             print("samedge: requeueing the job; it resumes from the checkpoint", file=sys.stderr, flush=True)
             handler(self.requeue_signal, None)  # submitit: our checkpoint(), requeue, exit
-        print("samedge: job ended by SIGTERM after its checkpoint", file=sys.stderr, flush=True)
+        name = signal.Signals(self.received[0]).name
+        print(f"samedge: job ended by {name} after its checkpoint, not requeued", file=sys.stderr, flush=True)
         sys.exit(128 + self.received[0])
