@@ -109,7 +109,8 @@ def _add_sweep_run_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="torch threads (and Ray CPUs) per run (default 1; the same N gives the same metrics on every executor)",
+        help="torch threads (and Ray CPUs, SLURM CPUs) per run (default 1; the same N gives the same metrics on every "
+        "executor)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     p.add_argument("--plots", action="store_true", help="also draw each run's own figures")
