@@ -82,6 +82,13 @@ def test_refused_settings_become_failed_points_and_clashing_names_are_refused():
         SweepSpec("imagenet")
 
 
+def test_a_flag_of_another_executor_is_refused(tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(["sweep", "mnist", "--grid", "seed=0", *TINY, "--cpus", "2", "--out", str(out)]) == 2
+    assert "--cpus is a flag of --executor ray, not serial" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_sweep_file(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(

@@ -114,15 +114,19 @@ def _add_sweep_run_flags(p: argparse.ArgumentParser) -> None:
         default="serial",
         help="; ".join(f"{name}: {executor_class(name).summary}" for name in EXECUTORS),
     )
+    own: dict[str, list[argparse.Action]] = {}
     for name in EXECUTORS:
+        before = len(p._actions)
         executor_class(name).add_arguments(p)
+        own[name] = p._actions[before:]
+    p.set_defaults(executor_flags=own)
     p.add_argument(
         "--threads-per-run",
         type=int,
         default=None,
         metavar="N",
-        help="torch threads (and Ray CPUs) per run: each run's threads setting (default 1; the same N gives the same "
-        "metrics on every executor and in samedge run --threads N); fixed for a sweep directory",
+        help="torch threads (and Ray CPUs, SLURM CPUs) per run: each run's threads setting (default 1; the same N "
+        "gives the same metrics on every executor and in samedge run --threads N); fixed for a sweep directory",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     p.add_argument("--plots", action="store_true", help="also draw each run's own figures")
@@ -490,14 +494,16 @@ def _threads_per_run(spec, args: argparse.Namespace) -> None:
     spec.base["threads"] = n
 
 
-def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> int:
-    """Run a sweep from the command line; the whole command (executor, threads, every point's
-    settings, the sweep directory's definition) is checked before anything is written."""
+def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> tuple[int, Any]:
+    """Run a sweep from the command line and print its outcome: the exit code and the
+    :class:`~samedge.experiment.sweeps.driver.SweepOutcome`.  The whole command (executor, threads,
+    every point's settings, the sweep directory's definition) is checked before anything is written."""
     from samedge.experiment.store.layout import RunDir
     from samedge.experiment.sweeps.driver import run_sweep
     from samedge.experiment.sweeps.executors import executor_class
     from samedge.experiment.sweeps.spec import prepare_sweep_dir
 
+    _refuse_other_executors_flags(args)
     executor = executor_class(args.executor).from_arguments(args)
     executor.check()
     _threads_per_run(spec, args)
@@ -509,20 +515,36 @@ def _run_sweep_cli(spec, out: Path, args: argparse.Namespace) -> int:
         for p in points:
             if RunDir(out / p.name).metrics.exists():
                 plot_run(out / p.name)
-    counts = ", ".join(f"{done.count(s)} {s}" for s in ("done", "diverged", "failed", "error") if done.count(s))
+    kinds = ("done", "diverged", "failed", "error", "submitted")
+    counts = ", ".join(f"{done.count(s)} {s}" for s in kinds if done.count(s))
     print(f"sweep directory: {out} ({len(points)} runs: {counts}; {done.skipped} already finished)")
     print(f"summary: {out / 'sweep.csv'}")
     for name, status in done.statuses.items():
         if status in ("failed", "error"):
             reason = done.outcomes.get(name, {}).get("reason", "")
             print(f"  {name}: {status}" + (f": {reason}" if reason else ""))
-    return done.exit_code()  # as samedge run exits: 1 a bug, 4 the environment, 2 bad input
+    if done.count("submitted"):
+        print(f"{done.count('submitted')} runs left to their jobs; the same command again collects them")
+        for name, status in done.statuses.items():
+            if status == "submitted":
+                print(f"  {name}: {done.outcomes.get(name, {}).get('reason', '')}")
+    return done.exit_code(), done  # as samedge run exits: 1 a bug, 4 the environment, 2 bad input
+
+
+def _refuse_other_executors_flags(args: argparse.Namespace) -> None:
+    """A flag of an executor other than ``--executor``'s is refused, not silently ignored."""
+    for name, actions in getattr(args, "executor_flags", {}).items():
+        if name == args.executor:
+            continue
+        for action in actions:
+            if getattr(args, action.dest, action.default) != action.default:
+                raise ConfigError(f"{action.option_strings[0]} is a flag of --executor {name}, not {args.executor}")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = _sweep_spec(args)
     out = Path(args.out) if args.out else Path("sweeps") / "-".join([spec.task, *spec.varied_names()])
-    return _run_sweep_cli(spec, out, args)
+    return _run_sweep_cli(spec, out, args)[0]
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -546,7 +568,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     for task in tasks:
         out = base / task if every else base
         if not args.report_only:
-            code = code or _run_sweep_cli(specs[task], out, args)
+            ran, done = _run_sweep_cli(specs[task], out, args)
+            code = code or ran
+            if done.count("submitted"):
+                print(f"{task}: figures and report when its jobs have finished (the same command again)")
+                continue
         elif not is_sweep_dir(out):
             if not every:
                 raise ConfigError(f"{out} holds no sweep yet; run `samedge reproduce {task}` first")

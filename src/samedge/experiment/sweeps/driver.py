@@ -12,6 +12,10 @@ Faults, as ``samedge run`` maps them: a point whose settings or data are refused
 ``failed`` with one line naming the path (exit 4); a diverged run is recorded ``diverged``; the
 other points go on.  Any other exception is a samedge bug: it is recorded ``error`` with its
 message, the other points go on, and the sweep exits 1.
+
+An executor that leaves points running in a scheduler (``--executor submitit --no-wait``) reports
+them ``submitted``: they are recorded so in ``status.json`` and ``sweep.csv`` until a later call
+finds them finished.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ __all__ = ["run_sweep", "make_executor", "SweepOutcome"]
 
 @dataclass
 class SweepOutcome:
-    """What a call of :func:`run_sweep` did: the status of every point and the wall time."""
+    """What a call of :func:`run_sweep` did: the status of every point, the reason of those that
+    have one (failed, error, submitted), and the wall time."""
 
     statuses: dict[str, str]
     skipped: int
@@ -56,8 +61,8 @@ class SweepOutcome:
 
 
 class _Progress:
-    """The sweep's progress: a bar on a terminal (runs done, running, failed; tqdm's time left),
-    otherwise one line per finished run."""
+    """The sweep's progress: a bar on a terminal (runs done, running, queued, failed; tqdm's time
+    left), otherwise one line per finished run."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.total, self.finished, self.failed, self.running = total, initial, 0, 0
@@ -73,7 +78,11 @@ class _Progress:
 
     def _postfix(self) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(running=self.running, failed=self.failed, refresh=True)
+            self.bar.set_postfix(running=self.running, queued=self.queued, failed=self.failed, refresh=True)
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.total - self.finished - self.running)
 
     def started(self, n: int = 1) -> None:
         self.running += n
@@ -98,7 +107,7 @@ class _Progress:
             left = (self.total - self.finished) * elapsed / self.ran
             print(
                 f"sweep: {name} {status}; {self.finished}/{self.total} finished, {self.running} running, "
-                f"{self.failed} failed or diverged, about {left:.0f} s left",
+                f"{self.queued} queued, {self.failed} failed or diverged, about {left:.0f} s left",
                 file=sys.stderr,
                 flush=True,
             )
@@ -183,6 +192,12 @@ def run_sweep(
                 bar.left()
             else:
                 settle(p, outcome)
+
+        def submitted(self, p: SweepPoint, where: str) -> None:
+            outcome = {"status": "submitted", "reason": where}
+            statuses[p.name], outcomes[p.name] = "submitted", outcome
+            record_status(out, p.name, outcome)
+            write_sweep_csv(out, points)
 
     try:
         pending = todo

@@ -13,7 +13,7 @@ missing config file, a bad base setting) is refused whole.
 
 The sweep directory (:class:`~samedge.experiment.sweeps.sweepdir.SweepDir`) holds ``sweep.json``
 (the definitions and every runnable point's settings), ``status.json`` (the outcome of points
-that failed while running), ``sweep.csv`` and one run directory per point.  What a point still
+that failed while running, and the job of points submitted to a scheduler), ``sweep.csv`` and one run directory per point.  What a point still
 needs is read from its run directory alone (:func:`point_state`): finished, diverged, being run
 by another process, resumable from a checkpoint, damaged, or to be started.  So calling a sweep
 again skips the finished runs, resumes the interrupted ones and starts the rest, whatever killed
@@ -526,6 +526,8 @@ def point_status(point: SweepPoint, state: PointState, record: Mapping[str, Any]
         return "failed", state.reason
     if record and record.get("status") in ("failed", "error") and record.get("state", state.state) == state.state:
         return record["status"], str(record.get("reason", ""))
+    if record and record.get("status") == "submitted":  # left to a scheduler's job (submitit --no-wait)
+        return "submitted", str(record.get("reason", ""))
     if state.state == "resume":
         return "interrupted", f"checkpoint at step {summary.get('final_step', '?')}" if summary else ""
     return "pending", ""

@@ -18,6 +18,7 @@ __all__ = ["EXECUTORS", "executor_class", "Executor"]
 EXECUTORS: dict[str, str] = {
     "serial": "samedge.experiment.sweeps.executors.serial:SerialExecutor",
     "ray": "samedge.experiment.sweeps.executors.ray:RayExecutor",
+    "submitit": "samedge.experiment.sweeps.executors.submitit_slurm:SubmititExecutor",
 }
 
 

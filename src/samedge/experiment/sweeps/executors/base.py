@@ -6,7 +6,9 @@ by :meth:`~Executor.from_arguments`), :meth:`~Executor.check`, which refuses wha
 (a missing package, a bad option) before the sweep directory is written, and
 :meth:`~Executor.run`, which runs points with
 :func:`~samedge.experiment.sweeps.point.execute_point` and reports each outcome to a
-:class:`Reporter`.  The registry in :mod:`samedge.experiment.sweeps.executors` names them.
+:class:`Reporter`.  An executor that hands points to a scheduler and returns before they end (a
+batch system's queue) reports each of those as :meth:`~Reporter.submitted` instead; calling the
+sweep again collects them.  The registry in :mod:`samedge.experiment.sweeps.executors` names them.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ __all__ = ["Executor", "Reporter"]
 
 
 class Reporter(Protocol):
-    """What an executor tells the sweep: runs started, and each point's outcome
-    (``{"status", "reason", ...}`` as :func:`~samedge.experiment.sweeps.point.execute_point` returns it)."""
+    """What an executor tells the sweep: runs started, each point's outcome
+    (``{"status", "reason", ...}`` as :func:`~samedge.experiment.sweeps.point.execute_point` returns it),
+    and the points left to a scheduler when :meth:`Executor.run` returns before they end."""
 
     def started(self, n: int = 1) -> None: ...
 
     def finished(self, point: SweepPoint, outcome: dict[str, Any]) -> None: ...
+
+    def submitted(self, point: SweepPoint, where: str) -> None:
+        """``point`` runs on after this call returns (``where``: its job, say ``slurm job 812_3``)."""
+        ...
 
 
 class Executor:
@@ -50,5 +57,6 @@ class Executor:
 
     def run(self, out: Path, points: Sequence[SweepPoint], threads: int, progress: bool, reporter: Reporter) -> None:
         """Run ``points`` into ``out/<name>``, each on its ``threads`` setting (``threads`` torch threads
-        for a point recorded without one); report each outcome."""
+        for a point recorded without one); report each outcome (or, for a point left running in a
+        scheduler, that it was submitted)."""
         raise NotImplementedError
