@@ -246,6 +246,6 @@ def test_reproduce_with_no_wait_leaves_the_figures_to_the_next_call(fake_slurm, 
     out = tmp_path / "rep"
     assert main(["reproduce", "mnist", "--executor", "submitit", "--no-wait", "--no-progress", "--out", str(out)]) == 0
     said = capsys.readouterr().out
-    assert "10 runs left to their jobs" in said and "figures and report: run the same command again" in said
+    assert "10 runs left to their jobs" in said and "mnist: figures and report when its jobs have finished" in said
     assert not (out / "report.md").exists() and not (out / "compare").exists()
     assert "#SBATCH --array=0-9%10" in (out / JOBS_DIR / "1" / "4242_submission.sh").read_text()
