@@ -19,7 +19,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -108,6 +108,18 @@ class Method:
     beta2: float = 0.999
     eps: float = 1e-8
     alpha: float = 0.99
+
+    #: the base optimizer's settings beyond eta, rho and momentum (as RunConfig and the CLI name them)
+    HYPERPARAMETERS: ClassVar[tuple[str, ...]] = (
+        "base",
+        "dampening",
+        "nesterov",
+        "weight_decay",
+        "beta1",
+        "beta2",
+        "eps",
+        "alpha",
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:

@@ -373,16 +373,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     from samedge.core.method import METHOD_KINDS, Method
 
     out: dict = {}
-    hyper = dict(
-        base=args.base,
-        dampening=args.dampening,
-        nesterov=args.nesterov,
-        weight_decay=args.weight_decay,
-        beta1=args.beta1,
-        beta2=args.beta2,
-        eps=args.eps,
-        alpha=args.alpha,
-    )
+    hyper = {name: getattr(args, name) for name in Method.HYPERPARAMETERS}
     try:
         for kind in METHOD_KINDS:
             method = Method(kind, args.eta, args.rho if Method.takes_rho(kind) else 0.0, args.momentum, **hyper)

@@ -136,14 +136,7 @@ class RunConfig:
             self.eta,
             self.rho,
             self.momentum,
-            base=self.base,
-            dampening=self.dampening,
-            nesterov=self.nesterov,
-            weight_decay=self.weight_decay,
-            beta1=self.beta1,
-            beta2=self.beta2,
-            eps=self.eps,
-            alpha=self.alpha,
+            **{name: getattr(self, name) for name in Method.HYPERPARAMETERS},
         )
 
     def to_dict(self) -> dict[str, Any]:
