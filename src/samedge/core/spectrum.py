@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.stats
 import torch
 from torch import Tensor
 
@@ -159,6 +158,8 @@ class SpectralDensity:
     def wasserstein(self, eigenvalues: Sequence[float] | np.ndarray) -> float:
         """Wasserstein-1 distance to the empirical distribution of ``eigenvalues`` (equal weights)."""
         values, weights = self.atoms()
+        import scipy.stats  # here: importing it costs most of a second, and only this comparison needs it
+
         return float(scipy.stats.wasserstein_distance(values, np.asarray(eigenvalues, dtype=float), weights))
 
 
