@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import grad_at, small_problem
 
 from samedge.core import UPDATE_RULES
 from samedge.core.update_rules.adam import Adam
@@ -13,20 +14,6 @@ from samedge.core.update_rules.rmsprop import RMSprop
 from samedge.core.update_rules.sgd import HeavyBallSGD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def small_problem(seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    x, y = torch.randn(16, 5), torch.randn(16, 3)
-    return model, x, y
-
-
-def grad_at(model, params, x, y):
-    names = [name for name, _ in model.named_parameters()]
-    leaves = [p.detach().requires_grad_() for p in params]
-    out = torch.func.functional_call(model, dict(zip(names, leaves)), (x,))
-    return torch.autograd.grad(((out - y) ** 2).mean(), leaves)
 
 
 CASES = [

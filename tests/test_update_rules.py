@@ -3,7 +3,7 @@ rule's state through a checkpoint (today's format and the velocity of an earlier
 
 import pytest
 import torch
-from helpers import as_earlier_samedge
+from helpers import as_earlier_samedge, grad_at, small_problem
 
 from samedge.core import UPDATE_RULES, HeavyBallSGD, Method, UpdateRule
 from samedge.core.optim import heavy_ball_update
@@ -16,20 +16,6 @@ from samedge.experiment.store.checkpoint import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def small_problem(seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    x, y = torch.randn(16, 5), torch.randn(16, 3)
-    return model, x, y
-
-
-def grad_at(model, params, x, y):
-    names = [name for name, _ in model.named_parameters()]
-    leaves = [p.detach().requires_grad_() for p in params]
-    out = torch.func.functional_call(model, dict(zip(names, leaves)), (x,))
-    return torch.autograd.grad(((out - y) ** 2).mean(), leaves)
 
 
 def test_the_registry_holds_sgd():
