@@ -170,15 +170,28 @@ def _plot_sharpness(run_dir: Path, rows: list, cfg: RunConfig, title: str) -> li
     return _save(fig, run_dir, "sharpness")
 
 
+#: columns an adaptive base's edge bounds, most specific first, with their labels
+_COMPARED = (
+    ("effective_sharpness", r"$\lambda_1(P^{-1/2}(H + sH^2)P^{-1/2})$"),
+    ("preconditioned_sharpness", r"$\lambda_1(P^{-1/2} H P^{-1/2})$"),
+)
+
+
 def _plot_sharpness_vs_edge(run_dir: Path, rows: list, cfg: RunConfig, title: str) -> list[Path]:
-    """lambda_1 and its edge (minibatch and evaluation batch), and their ratio."""
+    """What the edge bounds (lambda_1, or an adaptive base's preconditioned or effective sharpness)
+    and the edge (minibatch and evaluation batch), and their ratio."""
     method, steps = cfg.method(), _column(rows, "step")
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     has_eval = "eval_sharpness" in rows[0]
     minibatch = " (minibatch)" if cfg.batch_size else ""
-    ax1.plot(steps, _column(rows, "sharpness"), color="tab:blue", label=r"$\lambda_1$" + minibatch)
+    # what the edge bounds: the effective or preconditioned sharpness of an adaptive base, else lambda_1(H)
+    compared, name = next(
+        ((c, label) for c, label in _COMPARED if c in rows[0] and any(r.get(c) is not None for r in rows)),
+        ("sharpness", r"$\lambda_1$"),
+    )
+    ax1.plot(steps, _column(rows, compared), color="tab:blue", label=name + minibatch)
     ax1.plot(steps, _column(rows, "sam_edge"), color="tab:green", label=_edge_label(method) + minibatch)
-    series = [_column(rows, "sharpness"), _column(rows, "sam_edge")]
+    series = [_column(rows, compared), _column(rows, "sam_edge")]
     if has_eval:
         ax1.plot(
             steps,
@@ -211,7 +224,7 @@ def _plot_sharpness_vs_edge(run_dir: Path, rows: list, cfg: RunConfig, title: st
     _clip_initial_transient(ax2, rows, [_column(rows, "sharpness_over_edge")])
     ax2.axhline(1.0, color="gray", ls=":")
     ax2.axhspan(0.9, 1.1, color="gray", alpha=0.15)
-    ax2.set_ylabel(r"$\lambda_1$ / edge")
+    ax2.set_ylabel("sharpness / edge")
     ax2.set_xlabel("step")
     return _save(fig, run_dir, "sharpness_vs_edge")
 
