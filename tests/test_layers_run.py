@@ -3,6 +3,7 @@ Ctrl-C and after SIGKILL)."""
 
 import collections
 import csv
+import os
 import random
 import signal
 import subprocess
@@ -128,3 +129,26 @@ def test_layers_csv_resumes_identically_after_sigkill(tmp_path, layers_reference
     assert subprocess.run([sys.executable, "-m", "samedge", *resume]).returncode == 0
     assert rows_without_time(out / "metrics.csv") == layers_reference[0]
     assert (out / "layers.csv").read_text() == layers_reference[1]
+
+
+@pytest.mark.slow
+def test_nproc_2_gives_the_same_block_eigenvalues_and_batch_sharpness(tmp_path, layers_reference):
+    """Two processes (each minibatch and each probe batch split over the ranks) against one: the
+    same readings, block eigenvalues and batch sharpness up to float32 summation order."""
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "samedge", *LAYERS, "--nproc", "2", "--out", str(out)]
+    assert subprocess.run(cmd, env=env, timeout=600).returncode == 0
+    one, two = layers_reference[0], rows_without_time(out / "metrics.csv")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for col in ("sharpness", "batch_sharpness", "batch_sharpness_stderr", "batch_step_sharpness", "train_loss"):
+        for ra, rb in zip(one, two):
+            assert float(rb[col]) == pytest.approx(float(ra[col]), rel=2e-3), (ra["step"], col)
+    ref = list(csv.DictReader(layers_reference[1].splitlines()))
+    got = _layers(out / "layers.csv")
+    assert [(r["step"], r["block"]) for r in ref] == [(r["step"], r["block"]) for r in got]
+    for ra, rb in zip(ref, got):
+        assert float(rb["mass"]) == pytest.approx(float(ra["mass"]), abs=2e-3)
+        if ra["sharpness"]:
+            assert float(rb["sharpness"]) == pytest.approx(float(ra["sharpness"]), rel=2e-3)
+            assert rb["interlacing"] == "1"
