@@ -85,7 +85,7 @@ def test_refused_settings_become_failed_points_and_clashing_names_are_refused():
 def test_a_flag_of_another_executor_is_refused(tmp_path, capsys):
     out = tmp_path / "sw"
     assert main(["sweep", "mnist", "--grid", "seed=0", *TINY, "--cpus", "2", "--out", str(out)]) == 2
-    assert "--cpus is a flag of --executor ray, not serial" in capsys.readouterr().err
+    assert "--cpus is a flag of --executor ray, not local" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -240,6 +240,78 @@ def test_killed_sweep_resumes_to_the_same_metrics(tmp_path, sweep):
     for name in sweep_csv(tmp_path / "ref"):
         assert metrics_rows(out / name / "metrics.csv") == metrics_rows(tmp_path / "ref" / name / "metrics.csv"), name
     assert {r["status"] for r in sweep_csv(out).values()} == {"done"}
+
+
+def _children(pid):
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _gone(pids, seconds=60):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if not [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in _proc_state(p)]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _proc_state(pid):
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc")
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL])
+def test_local_workers_checkpoint_and_end_with_the_sweep(tmp_path, sweep, stop):
+    """The default executor runs two points at once in worker processes.  Ctrl-C (SIGINT) to the
+    sweep: exit 130 after each running point checkpointed; SIGKILL: the workers, told by the
+    kernel, checkpoint and end rather than run on alone.  Either way no worker is left, and the
+    same command finishes with the uninterrupted sweep's rows."""
+    ref, args = sweep
+    out = tmp_path / "stopped"
+    # runs long enough (a few seconds) to be stopped while the first two are under way
+    grid_args = [a for a in args[1:] if a not in ("--out", str(ref))] + ["--steps", "300", "--checkpoint-every", "5"]
+    cmd = [sys.executable, "-m", "samedge", "sweep", *grid_args, "--jobs", "2"]
+    assert main(["sweep", *grid_args, "--out", str(tmp_path / "ref"), "--no-progress"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    first, second = out / "rho0.05-seed0", out / "rho0.05-seed1"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((first / "checkpoint.pt").exists() and (second / "checkpoint.pt").exists()):
+        time.sleep(0.01)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, "two points run at once in worker processes"
+    proc.send_signal(stop)
+    code = proc.wait(120)
+    assert code == (130 if stop == signal.SIGINT else -signal.SIGKILL)
+    assert _gone(workers), "a worker outlived the sweep"
+    assert not (out / "rho0.2-seed1" / "summary.json").exists(), "stopped before the end"
+    assert main(["sweep", *grid_args, "--out", str(out), "--no-progress"]) == 0
+    for name in sweep_csv(tmp_path / "ref"):
+        assert metrics_rows(out / name / "metrics.csv") == metrics_rows(tmp_path / "ref" / name / "metrics.csv"), name
+
+
+@pytest.mark.slow
+def test_local_and_serial_executors_give_the_same_runs(tmp_path, sweep):
+    ref, args = sweep  # run by the default executor, two at a time
+    grid_args = [a for a in args[1:] if a not in ("--out", str(ref))]
+    out = tmp_path / "serial"
+    assert main(["sweep", *grid_args, "--executor", "serial", "--out", str(out), "--no-progress"]) == 0
+    for name in sweep_csv(ref):
+        assert metrics_rows(out / name / "metrics.csv") == metrics_rows(ref / name / "metrics.csv"), name
+
+
+def test_jobs_is_checked_and_belongs_to_the_local_executor(tmp_path, capsys):
+    assert main(["sweep", "mnist", "--grid", "seed=0", *TINY, "--jobs", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
+    args = ["sweep", "mnist", "--grid", "seed=0", *TINY, "--jobs", "2", "--executor", "serial"]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 2
+    assert "--jobs is a flag of --executor local, not serial" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 # --- comparison figures and the report ---------------------------------------------------------

@@ -303,7 +303,7 @@ def test_an_environment_error_in_a_point_is_exit_4_with_the_path(tmp_path, monke
 
     monkeypatch.setattr(runner, "run", full_disk)
     out = tmp_path / "sw"
-    assert sweep(out) == 4
+    assert sweep(out, "--executor", "serial") == 4  # in this process, where the patch is
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     line = next(ln for ln in captured.out.splitlines() if "rho0.1" in ln and "failed" in ln)

@@ -111,7 +111,7 @@ def _add_sweep_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
         choices=list(EXECUTORS),
-        default="serial",
+        default="local",
         help="; ".join(f"{name}: {executor_class(name).summary}" for name in EXECUTORS),
     )
     own: dict[str, list[argparse.Action]] = {}

@@ -16,6 +16,7 @@ __all__ = ["EXECUTORS", "executor_class", "Executor"]
 
 #: name -> "module:class" (imported on first use: an executor's package is needed only when it runs)
 EXECUTORS: dict[str, str] = {
+    "local": "samedge.experiment.sweeps.executors.local:LocalExecutor",
     "serial": "samedge.experiment.sweeps.executors.serial:SerialExecutor",
     "ray": "samedge.experiment.sweeps.executors.ray:RayExecutor",
     "submitit": "samedge.experiment.sweeps.executors.submitit_slurm:SubmititExecutor",

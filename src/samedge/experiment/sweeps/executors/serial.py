@@ -1,4 +1,4 @@
-"""The ``serial`` executor (the default): the points one after another in this process."""
+"""The ``serial`` executor: the points one after another in this process."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["SerialExecutor"]
 
 class SerialExecutor(Executor):
     name = "serial"
-    summary = "one run after another in this process (default)"
+    summary = "one run after another in this process"
 
     def run(self, out: Path, points: Sequence[SweepPoint], threads: int, progress: bool, reporter: Reporter) -> None:
         for p in points:
