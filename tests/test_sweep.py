@@ -479,6 +479,8 @@ def test_the_paper_report_has_a_cell_for_every_claim_and_task(tmp_path, capsys):
     # the report is drawn from the run directories alone; tasks without runs are named, not invented
     assert main(["reproduce", "all", "--report-only", "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
+    # one report, every task's section in it
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("report.*")) == ["report.html", "report.md"]
     table = md[md.index("## Claims x tasks") : md.index("## mnist")]
     for text in CLAIM_NAMES.values():
         row = next(line for line in table.splitlines() if line.startswith(f"| {text} |"))

@@ -569,8 +569,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{out} holds no sweep yet; run `samedge reproduce {task}` first")
             continue
         overlay_runs([str(out)], None)
-        for path in write_report(out):
-            print(path)
+        if not every:  # `reproduce all` writes one report, every task's section in it
+            for path in write_report(out):
+                print(path)
     if every:
         for path in write_paper_report(base, tasks):
             print(path)

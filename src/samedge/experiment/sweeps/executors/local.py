@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,7 @@ class LocalExecutor(Executor):
                         outcome = {"status": "error", "reason": f"infrastructure: a worker process died ({err})"}
                     except Exception as err:  # the run raised: a samedge bug (BadInput is returned)
                         outcome = {"status": "error", "reason": describe_bug(err)}
+                        traceback.print_exception(err)  # with the worker's traceback as its cause
                     if outcome["status"] == "interrupted":  # a worker was stopped from outside: stop all
                         interrupted = True
                         continue
