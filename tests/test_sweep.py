@@ -1,5 +1,6 @@
-"""Sweeps (serial executor): grid expansion and naming, skip and resume (after a real SIGKILL),
-failures recorded with status and reason, sweep.csv, comparison figures and the reproduce report."""
+"""Sweeps (the default local executor and the serial one): grid expansion and naming, skip and
+resume (after a real SIGKILL, after Ctrl-C), failures recorded with status and reason, sweep.csv,
+comparison figures and the reproduce report."""
 
 import csv
 import json
@@ -109,7 +110,7 @@ def test_sweep_file(tmp_path):
             assert {p.config.optimizer for p in pts if p.config} == {"sam", "gd"}
 
 
-# --- a real serial sweep ----------------------------------------------------------------------
+# --- a real sweep (the default executor: two runs at a time) -----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -217,12 +218,15 @@ def test_bad_data_is_a_failed_run(tmp_path):
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_metrics(tmp_path, sweep):
-    """SIGKILL of the sweep's process once one run has finished and the next one is under way
+    """SIGKILL of a serial sweep's process once one run has finished and the next one is under way
     (after a checkpoint); started again it finishes with the uninterrupted sweep's rows."""
     ref, args = sweep
     out = tmp_path / "killed"
     grid_args = [a for a in args[1:] if a not in ("--out", str(ref))]
-    cmd = [sys.executable, "-m", "samedge", "sweep", *grid_args, "--checkpoint-every", "5", "--out", str(out)]
+    # one run after another in the sweep's process, which dies with it (the local executor's
+    # workers checkpoint instead: test_local_workers_checkpoint_and_end_with_the_sweep)
+    cmd = [sys.executable, "-m", "samedge", "sweep", *grid_args, "--checkpoint-every", "5", "--executor", "serial"]
+    cmd += ["--out", str(out)]
     ref_cmd_args = [*args[:-1], str(tmp_path / "ref"), "--checkpoint-every", "5", "--no-progress"]
     assert main(ref_cmd_args) == 0  # checkpoint_every is part of the run's settings: a reference with it
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

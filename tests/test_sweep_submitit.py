@@ -31,7 +31,7 @@ LOCAL = ["--executor", "submitit", "--submitit-cluster", "local"]
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory):
     out = tmp_path_factory.mktemp("serial") / "S"
-    assert main(["sweep", "mnist", "--grid", "rho=0.05,0.1", *TINY, "--out", str(out)]) == 0
+    assert main(["sweep", "mnist", "--grid", "rho=0.05,0.1", *TINY, "--executor", "serial", "--out", str(out)]) == 0
     return out
 
 
@@ -142,7 +142,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys, flags
 def test_flags_of_another_executor_are_refused(tmp_path, capsys):
     out = tmp_path / "bad"
     assert main(["sweep", "mnist", "--grid", "rho=0.05", *TINY, "--no-wait", "--out", str(out)]) == 2
-    assert "--no-wait is a flag of --executor submitit, not serial" in capsys.readouterr().err
+    assert "--no-wait is a flag of --executor submitit, not local" in capsys.readouterr().err
     assert not out.exists()
 
 

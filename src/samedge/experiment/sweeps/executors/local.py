@@ -8,11 +8,11 @@ in its own process with its own torch thread pool, and give the same ``metrics.c
 no cluster to start (``--executor ray`` is for many machines).
 
 Workers start by *spawn* (a fork after torch started its threads can hang) and run one point at a
-time through :func:`~samedge.experiment.sweeps.point.execute_point`.  Stopping: Ctrl-C (or SIGINT,
-SIGTERM to the sweep) is passed to every worker as SIGTERM, on which the run checkpoints at the
-step it is at, as on Ctrl-C; the sweep then ends with ``KeyboardInterrupt`` and the same command
-resumes it.  When the sweep's process is killed outright (SIGKILL), each worker is told by the
-kernel (Linux ``PR_SET_PDEATHSIG``) and checkpoints the same way instead of running on alone.
+time through :func:`~samedge.experiment.sweeps.point.execute_point`.  Stopping: Ctrl-C (SIGINT to
+the sweep) is passed to every worker as SIGTERM, on which the run checkpoints at the step it is
+at, as on Ctrl-C; the sweep then ends with ``KeyboardInterrupt`` and the same command resumes it.
+When the sweep's process is killed (SIGTERM, SIGKILL), each worker is told by the kernel (Linux
+``PR_SET_PDEATHSIG``) and checkpoints the same way instead of running on alone.
 """
 
 from __future__ import annotations
