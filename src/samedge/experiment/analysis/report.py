@@ -163,19 +163,21 @@ def write_report(sweep: Path) -> list[Path]:
     md = [f"# samedge reproduce: {task}", ""]
     md += [f"Command: `{_command()}`; varied settings: {', '.join(varied) or 'none'}.", ""]
     md += _md_task(sweep, runs, claims, "##", "")
-    md_path = sweep / "report.md"
-    md_path.write_text("\n".join(md), encoding="utf-8")
     e = html.escape
-    page = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>samedge reproduce {e(task)}</title>{_STYLE}</head><body>",
+    body = [
         f"<h1>samedge reproduce: {e(task)}</h1>",
         f"<p>Command: <code>{e(_command())}</code>; varied settings: {e(', '.join(varied) or 'none')}.</p>",
         *_html_task(sweep, runs, claims, "h2"),
-        "</body></html>",
     ]
-    html_path = sweep / "report.html"
-    html_path.write_text("\n".join(page), encoding="utf-8")
+    return _write_reports(sweep, md, f"samedge reproduce {task}", body)
+
+
+def _write_reports(folder: Path, md: list[str], title: str, body: list[str]) -> list[Path]:
+    """``folder/report.md`` from its lines and the self-contained ``folder/report.html`` around ``body``."""
+    md_path, html_path = folder / "report.md", folder / "report.html"
+    md_path.write_text("\n".join(md), encoding="utf-8")
+    head = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}</head><body>"
+    html_path.write_text("\n".join([head, *body, "</body></html>"]), encoding="utf-8")
     return [md_path, html_path]
 
 
@@ -222,12 +224,8 @@ def write_paper_report(out: Path, tasks: tuple[str, ...] = PAPER_TASKS) -> list[
     for task, (sweep, runs, claims) in sections.items():
         md += [f"## {task}", "", f"Sweep directory: `{task}/` ({len(runs)} runs).", ""]
         md += _md_task(sweep, runs, claims, "###", f"{task}/")
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(md), encoding="utf-8")
     e = html.escape
     page = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>samedge reproduce all</title>{_STYLE}</head><body>",
         "<h1>The paper in one report: samedge reproduce all</h1>",
         f"<p>Command: <code>{e(_command())}</code>.</p><h2>Claims x tasks</h2><table><tr><th>claim</th>"
         + "".join(f"<th>{e(t)}</th>" for t in names)
@@ -247,7 +245,4 @@ def write_paper_report(out: Path, tasks: tuple[str, ...] = PAPER_TASKS) -> list[
     for task, (sweep, runs, claims) in sections.items():
         page.append(f"<h2 id='{e(task)}'>{e(task)}</h2>")
         page += _html_task(sweep, runs, claims, "h3")
-    page.append("</body></html>")
-    html_path = out / "report.html"
-    html_path.write_text("\n".join(page), encoding="utf-8")
-    return [md_path, html_path]
+    return _write_reports(out, md, "samedge reproduce all", page)
