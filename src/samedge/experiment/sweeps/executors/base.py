@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 
 from samedge.experiment.sweeps.spec import SweepPoint
 
-__all__ = ["Executor", "Reporter"]
+__all__ = ["Executor", "Reporter", "point_threads"]
 
 
 class Reporter(Protocol):
@@ -60,3 +60,8 @@ class Executor:
         for a point recorded without one); report each outcome (or, for a point left running in a
         scheduler, that it was submitted)."""
         raise NotImplementedError
+
+
+def point_threads(point: SweepPoint, threads: int) -> int:
+    """The torch threads ``point`` runs on: its own ``threads`` setting, else the executor's."""
+    return (point.config.threads if point.config is not None else None) or threads

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from samedge.errors import ConfigError
-from samedge.experiment.sweeps.executors.base import Executor, Reporter
+from samedge.experiment.sweeps.executors.base import Executor, Reporter, point_threads
 from samedge.experiment.sweeps.point import describe_bug, execute_point
 from samedge.experiment.sweeps.spec import SweepPoint
 
@@ -120,7 +120,7 @@ class LocalExecutor(Executor):
 
     def workers(self, points: Sequence[SweepPoint], threads: int) -> int:
         """How many runs at a time: ``--jobs``, else as many as the CPUs hold at the points' threads."""
-        most = max((p.config.threads if p.config is not None else None) or threads for p in points)
+        most = max(point_threads(p, threads) for p in points)
         jobs = self.jobs or max(1, usable_cpus() // most)
         return min(jobs, len(points))
 

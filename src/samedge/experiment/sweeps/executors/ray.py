@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from samedge.errors import ConfigError
-from samedge.experiment.sweeps.executors.base import Executor, Reporter
+from samedge.experiment.sweeps.executors.base import Executor, Reporter, point_threads
 from samedge.experiment.sweeps.point import describe_bug, execute_point
 from samedge.experiment.sweeps.spec import SweepPoint
 
@@ -69,7 +69,7 @@ class RayExecutor(Executor):
             task = ray.remote(execute_point)
 
             def submit(p: SweepPoint):
-                n = (p.config.threads if p.config is not None else None) or threads  # the point's own
+                n = point_threads(p, threads)
                 return task.options(
                     num_cpus=n,
                     max_retries=RAY_MAX_RETRIES,
@@ -78,7 +78,7 @@ class RayExecutor(Executor):
                 ).remote(p.settings(), str(out / p.name), n, progress)
 
             pending = {submit(p): p for p in points}
-            most = max((p.config.threads or threads) if p.config is not None else threads for p in points)
+            most = max(point_threads(p, threads) for p in points)
             slots = max(1, int(ray.cluster_resources().get("CPU", 1) // most))
             reporter.started(min(slots, len(pending)))
             while pending:
